@@ -1,0 +1,3 @@
+"""defectforge: few-shot industrial defect-image generation on Ray, tracked with MLflow."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Generators, one file each, behind the protocol in ``base.py``; ``registry`` finds them."""

@@ -1,0 +1,201 @@
+"""Per-product and multi-product generator training on Ray Train (any registered method).
+
+* **per-product**: one generator per product, each its own Ray Train run; the runs are launched
+  as Ray tasks so they train concurrently when the cluster has the resources, and queue when not.
+* **multi-product**: one generator over all selected products, conditioned on product and defect
+  type by learned embeddings (the method's business; here it just gets a multi-product context).
+
+Run names are deterministic (``<method>-<products>`` unless given), so starting the same command
+again with the same ``--out`` resumes each run from its latest checkpoint (Train V2 restores a run
+from its storage folder by name). The final inference checkpoint is copied to
+``<out>/<name>/generator`` together with the split manifest and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from defectforge.config import ConfigBase, save_config
+from defectforge.train.data import TrainingData, load_training_data
+from defectforge.train.loop import GENERATOR_DIR, train_loop_per_worker
+
+
+@dataclass
+class TrainOutcome:
+    """What one training run produced (or why it failed)."""
+
+    name: str
+    products: list[str]
+    run_dir: Path
+    checkpoint: Path | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    mlflow_run_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.checkpoint is not None
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (e.g. under ``ray job submit``) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def scaling_config(cfg: ConfigBase):
+    from ray.train import ScalingConfig
+
+    sc = cfg.train.scaling
+    return ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                         resources_per_worker=dict(sc.resources_per_worker) if sc.num_workers else None)
+
+
+def fit_generator(cfg_dict: dict[str, Any], context_json: dict[str, Any], rows: list[dict[str, Any]],
+                  name: str, storage_path: str, mlflow_info: dict[str, str] | None = None) -> dict[str, Any]:
+    """Build and fit one TorchTrainer; returns the latest checkpoint path, metrics or the error.
+
+    Used directly, from a Ray task (per-product runs) and from a Tune trial (sweeps).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from defectforge.config import config_from_dict
+
+    cfg = config_from_dict(cfg_dict)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg_dict, "context": context_json, "rows": rows,
+                           "mlflow": mlflow_info, "label": name},
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError wraps the worker's exception
+        return {"error": _root_cause(exc), "checkpoint": None, "metrics": {}}
+    ckpt = result.checkpoint
+    return {"error": None, "checkpoint": ckpt.path if ckpt else None, "metrics": dict(result.metrics or {})}
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost message of a (Ray-wrapped) exception chain: what actually went wrong."""
+    seen = exc
+    while True:
+        nxt = seen.__cause__ or getattr(seen, "cause", None)
+        if not isinstance(nxt, BaseException) or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}"
+
+
+def default_name(cfg: ConfigBase, products: list[str]) -> str:
+    from defectforge.tracking import run_name
+
+    return run_name("train", cfg.method.name, products)
+
+
+def _mlflow_run(cfg: ConfigBase, name: str, data: TrainingData, run_dir: Path) -> dict[str, str] | None:
+    """Open (or, for a resumed run, reopen) the MLflow run of a training run."""
+    import mlflow
+
+    from defectforge import tracking
+
+    uri = tracking.setup(cfg.tracking.uri, cfg.tracking.run_root,
+                         tracking.experiment_name(cfg.method.name, cfg.tracking.experiment), cfg.tracking.timeout_s)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(tracking.experiment_name(cfg.method.name, cfg.tracking.experiment))
+    found = client.search_runs([exp.experiment_id], f"tags.`defectforge.train_dir` = '{run_dir}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run = client.create_run(exp.experiment_id, run_name=name, tags={
+            "defectforge.kind": "train", "defectforge.method": cfg.method.name,
+            "defectforge.products": ",".join(data.context.products), "defectforge.train_dir": str(run_dir)})
+        run_id = run.info.run_id
+        params = tracking.flatten(cfg.to_dict())
+        items = list(params.items())
+        from mlflow.entities import Param
+
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        client.log_dict(run_id, data.manifest, "split_manifest.json")
+        client.log_dict(run_id, data.context.to_json(), "context.json")
+    return {"uri": uri, "run_id": run_id}
+
+
+def _finish(outcome: TrainOutcome, result: dict[str, Any], mlflow_info: dict[str, str] | None) -> TrainOutcome:
+    outcome.error, outcome.metrics = result["error"], result["metrics"]
+    if result["checkpoint"]:
+        src = Path(result["checkpoint"]) / GENERATOR_DIR
+        dst = outcome.run_dir / GENERATOR_DIR
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+        outcome.checkpoint = dst
+    if mlflow_info:
+        import mlflow
+
+        client = mlflow.MlflowClient(mlflow_info["uri"])
+        if outcome.checkpoint:
+            client.log_artifacts(mlflow_info["run_id"], str(outcome.checkpoint), "generator")
+        if outcome.error:
+            client.set_tag(mlflow_info["run_id"], "defectforge.error", outcome.error[:4000])
+        client.set_terminated(mlflow_info["run_id"], "FAILED" if outcome.error else "FINISHED")
+    return outcome
+
+
+def train(cfg: ConfigBase, out: str | os.PathLike[str], name: str | None = None,
+          log_to_mlflow: bool = True) -> list[TrainOutcome]:
+    """Train ``cfg.method`` per product or across products; returns one outcome per run."""
+    import ray
+
+    out_dir = Path(out).resolve()
+    storage = str(out_dir / "ray")
+    data = load_training_data(cfg)
+    products = list(data.context.products)
+    groups = [[p] for p in products] if cfg.train.mode == "per-product" else [products]
+    ensure_ray()
+
+    jobs = []
+    for group in groups:
+        sub = data.for_products(group)
+        run_name = name if (name and len(groups) == 1) else (f"{name}-{group[0]}" if name else default_name(cfg, group))
+        run_dir = out_dir / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "split_manifest.json").write_text(json.dumps(sub.manifest, indent=2))
+        mlflow_info = _mlflow_run(cfg, run_name, sub, run_dir) if log_to_mlflow else None
+        n_def = sum(r["defect"] != "good" for r in sub.rows)
+        print(f"[train] {run_name}: {cfg.method.name} on {group} - {len(sub.rows)} training images "
+              f"({n_def} defective), {cfg.train.steps} steps, batch {cfg.train.batch_size}, "
+              f"{cfg.train.scaling.num_workers or 'in-process'} worker(s)", flush=True)
+        outcome = TrainOutcome(run_name, group, run_dir, None,
+                               mlflow_run_id=mlflow_info["run_id"] if mlflow_info else None)
+        args = (cfg.to_dict(), sub.context.to_json(), sub.rows, run_name, storage, mlflow_info)
+        jobs.append((outcome, mlflow_info, args))
+
+    if len(jobs) == 1:
+        outcome, info, args = jobs[0]
+        return [_finish(outcome, fit_generator(*args), info)]
+
+    # Several products: one Ray task per run so the runs share the cluster (queued when it is full).
+    sc = cfg.train.scaling
+    driver_cpus = float(sc.resources_per_worker.get("CPU", 1)) if sc.num_workers == 0 else 0.01
+    remote_fit = ray.remote(num_cpus=driver_cpus, max_retries=0)(fit_generator)
+    refs = [remote_fit.remote(*args) for _, _, args in jobs]
+    return [_finish(outcome, ray.get(ref), info) for (outcome, info, _), ref in zip(jobs, refs)]

@@ -1,0 +1,76 @@
+"""Config resolution: presets, files, overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from defectforge.config import ConfigError, parse_override, resolve_config, with_overrides
+
+
+def test_tiny_preset_and_overrides_layer_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 7\n  lr: 0.01\ndata:\n  resolution: 32\n")
+    cfg = resolve_config(preset="tiny", config_file=f, overrides=["train.lr=1e-3", "sampling.n=3"])
+    assert cfg.preset == "tiny"
+    assert cfg.train.steps == 7            # file beats preset
+    assert cfg.train.lr == pytest.approx(1e-3)  # override beats file (1e-3 parsed as a number)
+    assert cfg.sampling.n == 3
+    assert cfg.data.resolution == 32
+    assert cfg.method.name == "defect-gen"
+
+
+def test_paper_preset_differs_from_tiny():
+    tiny, paper = resolve_config(preset="tiny"), resolve_config(preset="paper")
+    assert paper.data.resolution == 256 and tiny.data.resolution < 256
+    assert paper.train.weight_decay == pytest.approx(2e-3)
+    assert paper.train.ema_decay == pytest.approx(0.9999)
+
+
+def test_negative_lr_names_the_field():
+    with pytest.raises(ConfigError) as err:
+        resolve_config(overrides=["train.lr=-1"])
+    msg = str(err.value)
+    assert "train.lr" in msg and "command-line overrides" in msg
+
+
+def test_unknown_method_names_the_field():
+    with pytest.raises(ConfigError, match=r"method\.name: unknown method 'nope'"):
+        resolve_config(method="nope")
+    with pytest.raises(ConfigError, match=r"method\.name"):
+        resolve_config(overrides=["method.name=nope"])
+
+
+def test_unknown_key_and_file_are_named(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError) as err:
+        resolve_config(config_file=f)
+    assert "train.stepz" in str(err.value) and str(f) in str(err.value)
+    with pytest.raises(ConfigError, match="config file not found"):
+        resolve_config(config_file=tmp_path / "missing.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.lr")
+    assert parse_override("data.products=[a, b]") == (["data", "products"], ["a", "b"])
+
+
+def test_with_overrides_revalidates():
+    cfg = resolve_config()
+    assert with_overrides(cfg, {"train.steps": 3}).train.steps == 3
+    with pytest.raises(ConfigError, match="train.steps"):
+        with_overrides(cfg, {"train.steps": 0})
+
+
+def test_cli_rejects_bad_value_before_any_work(tmp_path):
+    """A bad value exits 2 with the field named, without starting Ray or touching the data."""
+    proc = subprocess.run([sys.executable, "-m", "defectforge.cli", "train", "--data", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "runs"), "train.lr=-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "train.lr" in proc.stderr
+    assert not (tmp_path / "runs").exists()
