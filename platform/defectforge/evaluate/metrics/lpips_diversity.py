@@ -1,0 +1,192 @@
+"""Diversity: mean pairwise LPIPS and IC-LPIPS (intra-cluster LPIPS), with the ``lpips`` package.
+
+Weights, offline. ``lpips.LPIPS(pretrained=True, ...)`` loads its calibrated linear layers from
+files inside the package, but its AlexNet/VGG backbone comes from torchvision's download cache
+unless ``pnet_rand=True``. So we always build with ``pnet_rand=True`` and then:
+
+* ``kind="standard"``: load torchvision's ImageNet backbone weights (``alexnet-owt-7be5be79.pth``
+  or ``vgg16-397923af.pth``) from the local weights directory into LPIPS's backbone slices,
+  strictly (every key matched, nothing left over), else ``MissingWeightsError`` naming the file.
+  Metrics are named ``lpips`` / ``ic_lpips`` (AlexNet) or ``..._vgg``.
+* ``kind="randnet"``: keep the random backbone, drawn under a fixed torch seed. Named
+  ``lpips_randnet``; metrics ``ic_lpips_randnet`` etc. Useful only for relative comparisons.
+
+``lpips`` loads its linear weights with ``strict=False``; we check afterwards that every tensor in
+the package's file really landed in the model, so a silently skipped key cannot go unnoticed.
+
+IC-LPIPS (Ojha et al., "Few-shot Image Generation via Cross-domain Correspondence", CVPR 2021,
+``feat_cluster.py`` of utkarshojha/few-shot-gan-adaptation), the diversity measure AnomalyDiffusion
+(Hu et al., AAAI 2024) reports: the real training images are cluster centres; each generated image
+joins the centre at the smallest LPIPS distance; within each cluster the mean pairwise LPIPS of its
+members (at most ``max_per_cluster`` = 50 of them, a random subset, as in the reference script);
+the mean over clusters. A cluster with fewer than 2 members has no pair: the reference script's
+mean over an empty list is NaN and it then averages ``avg_dist[~torch.isnan(avg_dist)]``, i.e.
+such clusters are skipped; we do the same, and return NaN when no cluster has 2 members. (The
+official AnomalyDiffusion repository does not ship its IC-LPIPS script; the behaviour above is that
+of the Ojha script and its MVTec adaptation ``ic_lpips(mvtec_path, gen_path, sample_name,
+anomaly_name)`` circulated with AnomalyDiffusion-style evaluations.) Ties between centres go to the
+lowest index (``np.argmin``); the reference's ``<=`` picks the last, which only differs on exact
+ties. The subset draw is seeded here; the reference's ``random.shuffle`` is not.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import lpips
+import numpy as np
+import torch
+
+from defectforge.evaluate.metrics.extractors import MissingWeightsError, check_images, weights_file
+
+#: a batched distance: two uint8 arrays N x H x W x 3 -> N distances (pair i = a[i], b[i])
+Distance = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _torchvision_weights(net: str) -> tuple[str, str]:
+    """(file name, URL) of the ImageNet weights torchvision uses for LPIPS's backbone."""
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+
+    url = {"alex": AlexNet_Weights.IMAGENET1K_V1.url, "vgg": VGG16_Weights.IMAGENET1K_V1.url}[net]
+    return url.rsplit("/", 1)[-1], url
+
+
+class LpipsDistance:
+    """An ``lpips.LPIPS`` model as a batched distance on uint8 images, with its metric name."""
+
+    def __init__(self, model: torch.nn.Module, name: str, device: str | torch.device = "cpu",
+                 batch_size: int = 16) -> None:
+        self.model = model.to(device).eval()
+        self.name = name
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    def _tensor(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # LPIPS expects [-1, 1]
+
+    @torch.no_grad()
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a, b = check_images(a, "LPIPS input a"), check_images(b, "LPIPS input b")
+        if a.shape != b.shape:
+            raise ValueError(f"LPIPS: paired images must have the same shape, got {a.shape} and {b.shape}")
+        out = []
+        for s in range(0, len(a), self.batch_size):
+            d = self.model(self._tensor(a[s:s + self.batch_size]), self._tensor(b[s:s + self.batch_size]))
+            out.append(d.reshape(-1).cpu().numpy())
+        return np.concatenate(out).astype(np.float64)
+
+
+def _check_linear_weights(model: torch.nn.Module, net: str, version: str) -> None:
+    path = Path(lpips.__file__).parent / "weights" / f"v{version}" / f"{net}.pth"
+    expected = torch.load(path, map_location="cpu", weights_only=True)
+    state = model.state_dict()
+    bad = [k for k, v in expected.items() if k not in state or not torch.equal(state[k].cpu(), v)]
+    if bad:
+        raise RuntimeError(f"LPIPS linear weights from {path} did not load into the model: {bad}")
+
+
+def _load_backbone(model: torch.nn.Module, path: Path) -> None:
+    """Load torchvision ``features.<i>.*`` weights into LPIPS's ``slice<k>.<i>.*`` modules, strictly."""
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"could not read backbone weights {path}: {exc}") from exc
+    target = model.net.state_dict()
+    mapped, missing = {}, []
+    for key in target:
+        _slice, rest = key.split(".", 1)  # "slice2.3.weight" -> "3.weight"
+        src = f"features.{rest}"
+        if src in source:
+            mapped[key] = source[src]
+        else:
+            missing.append(src)
+    used = {f"features.{key.split('.', 1)[1]}" for key in target}
+    unused = sorted(k for k in source if k.startswith("features.") and k not in used)
+    if missing or unused:
+        raise RuntimeError(f"backbone weights {path} do not fit LPIPS's network: missing {missing}, unexpected {unused}")
+    model.net.load_state_dict(mapped, strict=True)
+
+
+def build_lpips(kind: str = "standard", weights_dir: str | os.PathLike[str] | None = None,
+                device: str | torch.device = "cpu", net: str = "alex", seed: int = 0,
+                batch_size: int = 16) -> LpipsDistance:
+    """LPIPS distance: ``standard`` (ImageNet backbone from ``weights_dir``) or ``randnet`` (random backbone)."""
+    if net not in ("alex", "vgg"):
+        raise ValueError(f"LPIPS: unknown backbone {net!r}; known: alex, vgg")
+    if kind not in ("standard", "randnet"):
+        raise ValueError(f"LPIPS: unknown kind {kind!r}; known: standard, randnet")
+    if kind == "standard":  # find the file before building anything
+        filename, url = _torchvision_weights(net)
+        path = weights_file(filename, weights_dir, f"torchvision's ImageNet {net} weights for LPIPS", url,
+                            "set evaluation.feature_extractor=randfeat to use lpips_randnet")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)  # the random backbone (randnet) is the same in every process
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    _check_linear_weights(model, net, model.version)
+    if kind == "standard":
+        _load_backbone(model, path)
+        name = "lpips" if net == "alex" else f"lpips_{net}"
+    else:
+        name = "lpips_randnet" if net == "alex" else f"lpips_randnet_{net}"
+    return LpipsDistance(model, name, device=device, batch_size=batch_size)
+
+
+def as_distance(model: Any) -> Distance:
+    """Accept an ``LpipsDistance``, a bare ``lpips.LPIPS`` module, or any batched distance callable."""
+    if isinstance(model, torch.nn.Module):
+        return LpipsDistance(model, name=getattr(model, "name", "lpips_module"))
+    if callable(model):
+        return model
+    raise TypeError(f"expected an LPIPS model or a distance callable, got {type(model).__name__}")
+
+
+def mean_pairwise_lpips(images: Any, model: Any, max_pairs: int | None = None, seed: int = 0,
+                        chunk: int = 256) -> float:
+    """Mean distance over all unordered pairs of ``images`` (or a seeded sample of ``max_pairs``)."""
+    arr = check_images(images)
+    if len(arr) < 2:
+        raise ValueError(f"mean pairwise LPIPS needs at least 2 images, got {len(arr)}")
+    dist = as_distance(model)
+    i, j = np.triu_indices(len(arr), k=1)
+    if max_pairs is not None and len(i) > max_pairs:
+        keep = np.sort(np.random.default_rng(seed).choice(len(i), size=max_pairs, replace=False))
+        i, j = i[keep], j[keep]
+    total = 0.0
+    for s in range(0, len(i), chunk):
+        total += float(np.sum(dist(arr[i[s:s + chunk]], arr[j[s:s + chunk]])))
+    return total / len(i)
+
+
+def assign_clusters(generated: Any, centres: Any, model: Any) -> np.ndarray:
+    """Index of the nearest centre (smallest distance) for each generated image."""
+    gen, cen = check_images(generated, "generated images"), check_images(centres, "cluster centres")
+    if gen.shape[1:] != cen.shape[1:]:
+        raise ValueError(f"generated images {gen.shape[1:]} and centres {cen.shape[1:]} differ in size")
+    dist = as_distance(model)
+    d = np.stack([dist(gen, np.broadcast_to(c, gen.shape)) for c in cen], axis=1)  # N x K
+    return np.argmin(d, axis=1)
+
+
+def ic_lpips(generated: Any, centres: Any, model: Any, max_per_cluster: int | None = 50,
+             seed: int = 0) -> float:
+    """IC-LPIPS: mean over clusters (>= 2 members) of the mean pairwise distance within each cluster."""
+    gen = check_images(generated, "generated images")
+    labels = assign_clusters(gen, centres, model)
+    rng = np.random.default_rng(seed)
+    values = []
+    for k in np.unique(labels):
+        members = np.flatnonzero(labels == k)
+        if max_per_cluster is not None and len(members) > max_per_cluster:
+            members = np.sort(rng.choice(members, size=max_per_cluster, replace=False))
+        if len(members) >= 2:
+            values.append(mean_pairwise_lpips(gen[members], model))
+    return float(np.mean(values)) if values else float("nan")
+
+
+__all__ = ["Distance", "LpipsDistance", "MissingWeightsError", "as_distance", "assign_clusters", "build_lpips",
+           "ic_lpips", "mean_pairwise_lpips"]
