@@ -112,8 +112,9 @@ def test_only_the_stage_modules_change(ray_session, synth_root, tmp_path):
     assert out.ok, out.error
     ckpts = sorted((tmp_path / "out" / "ray" / "stages").glob("checkpoint_*"))
     assert [c.name for c in ckpts] == ["checkpoint_00000004", "checkpoint_00000008"]
-    torch.manual_seed(cfg.train.seed)
-    init = ToyGenerator(cfg.method, load_generator(out.checkpoint).context)
+    context = load_generator(out.checkpoint).context
+    torch.manual_seed(cfg.train.seed)  # the loop seeds the same way before building the model
+    init = ToyGenerator(cfg.method, context)
     after_mask = _weights(ckpts[0] / "generator")
     after_all = _weights(ckpts[1] / "generator")
     assert torch.equal(after_mask["image_net.weight"], init.image_net.weight.detach())

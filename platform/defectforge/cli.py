@@ -1,4 +1,4 @@
-"""``defectforge`` command line: data, config, train, generate (evaluate and sweep join later).
+"""``defectforge`` command line: data, config, train, generate, evaluate, sweep.
 
 Every command that takes a config resolves it the same way: ``--preset`` (tiny | paper), then
 ``--config FILE.yaml``, then the command's own flags, then trailing dotted ``key=value``
@@ -109,10 +109,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kwargs["sampler"] = args.sampler
     if "steps" in accepted and args.steps:
         kwargs["steps"] = args.steps
+    from defectforge.generate import ConditionSource
+
+    source = ConditionSource.for_generator(gen, args.data)
     print(f"[generate] {args.n} pairs from {args.checkpoint} ({gen.method_name()}, {device}) seed {args.seed}",
           flush=True)
     rows, stats = sample_pairs(gen, plan, args.seed, args.batch_size, reject_empty=not args.keep_empty,
-                               max_attempts=args.max_attempts, **kwargs)
+                               max_attempts=args.max_attempts, source=source, **kwargs)
     out = write_pairs(rows, args.out, gen.context)
     info = {"checkpoint": str(Path(args.checkpoint).resolve()), "n": args.n, "seed": args.seed,
             "method_overrides": method_overrides, "sample_kwargs": kwargs, **stats}
@@ -120,6 +123,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"[generate] wrote {len(rows)} pairs to {out} (redrawn empty masks: {stats['redrawn']}, "
           f"still empty: {stats['still_empty']})")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from defectforge.sweep.cli import run_sweep_command
+
+    return run_sweep_command(args, method=args.method)
 
 
 def _cuda() -> bool:
@@ -178,30 +187,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-empty", action="store_true", help="keep pairs whose mask is empty")
     p.add_argument("--max-attempts", type=int, default=4, help="draws per pair when redrawing empty masks")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--data", metavar="PATH",
+                   help="dataset whose train/good images (and train masks) methods such as crop-paste need")
     p.add_argument("overrides", nargs="*", metavar="method.field=value")
     p.set_defaults(func=cmd_generate)
+
+    from defectforge.evaluate.run import add_evaluate_command
+
+    add_evaluate_command(sub)
+
+    p = sub.add_parser("sweep", help="sweep a method's hyper-parameters (Ray Tune + Optuna, MLflow runs)",
+                       description="Sweep hyper-parameters over search_spaces/<method>.yaml: each trial trains "
+                                   "(Ray Train), evaluates and reports the objective; the best generator is "
+                                   "registered in MLflow with the alias 'best'. Re-running with the same "
+                                   "--name and storage resumes an interrupted sweep.")
+    _config_args(p)
+    from defectforge.sweep.cli import add_sweep_arguments
+
+    add_sweep_arguments(p)
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from defectforge.config import ConfigError
-
+    """Run a command; user errors (bad config, data, checkpoint, tracking URI) print one clear
+    line and exit 2, anything else is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        from defectforge.data.mvtec import DataError
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
         from defectforge.methods.base import CheckpointError
         from defectforge.tracking import TrackingError
 
-        if isinstance(exc, (DataError, CheckpointError, TrackingError, FileNotFoundError, KeyError)):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+        if isinstance(exc, RuntimeError) and not isinstance(exc, (CheckpointError, TrackingError)):
+            raise
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {text}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -129,13 +129,18 @@ class TrackingConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    name: str | None = None
-    space: str | None = None
+    name: str | None = Field(None, description="sweep name; the same name + storage resumes; default sweep-<method>")
+    space: str | None = Field(None, description="search-space YAML; default search_spaces/<method>.yaml")
     num_trials: int = Field(4, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
-    objective: str = "seg_gain"
+    max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's resources hold")
+    objective: str = Field("seg_gain", description="metric, or metric:mode,metric:mode for multi-objective")
     mode: Literal["max", "min"] = "max"
-    storage_path: str | None = None
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: training reports before a trial may be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    trial_max_failures: int = Field(0, ge=-1, description="Tune retries of a failed trial")
+    storage_path: str | None = Field(None, description="Tune/Train storage; shared (S3/NFS) on a cluster")
+    register_model: bool = Field(True, description="register the best generator with alias 'best'")
     seed: int = 0
 
 

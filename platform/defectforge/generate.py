@@ -12,6 +12,11 @@ Output layout (readable by ``defectforge data check`` and by every reader here):
 Why empty masks are redrawn: a defect pair without a defect is useless for training and is a bad
 sample for every reader; ``sampling.reject_empty_masks`` redraws it (new seed) up to
 ``sampling.max_attempts`` times and reports how many it redrew and how many stayed empty.
+
+Methods that blend onto defect-free images (``requires_normal_images``, e.g. Crop-Paste) or take
+given masks (``requires_masks``) get them from a ``ConditionSource``: defect-free images from the
+dataset's ``train/good`` and masks from the few-shot *train* side of the split (never the test
+split), drawn per sample with a seeded generator.
 """
 
 from __future__ import annotations
@@ -26,6 +31,82 @@ import numpy as np
 from PIL import Image
 
 from defectforge.methods.base import Conditions, Generator, GeneratorContext
+
+
+class ConditionSource:
+    """Defect-free images per product and real masks per (product, defect) for ``Conditions``.
+
+    Why a separate object: only some methods need them, and loading them costs a dataset scan;
+    ``for_generator`` returns None for methods that need neither, so Defect-Gen's path is unchanged.
+    """
+
+    def __init__(self, normal: dict[str, np.ndarray], masks: dict[tuple[str, str], np.ndarray]) -> None:
+        self.normal, self.masks = normal, masks
+
+    @classmethod
+    def from_dataset(cls, root: str | Path, context: GeneratorContext, normal: bool = True,
+                     masks: bool = False, split: Any = None, max_normal: int = 256,
+                     seed: int = 0) -> ConditionSource:
+        """Load ``train/good`` images (at most ``max_normal`` per product, a seeded choice) and, when
+        ``masks``, the masks of the split's training defect images, at the generator's resolution."""
+        from defectforge.data.mvtec import load_sample, scan_dataset
+
+        index = scan_dataset(root, list(context.products))
+        res = context.resolution
+        normal_by: dict[str, np.ndarray] = {}
+        if normal:
+            rng = np.random.default_rng(seed)
+            for p in context.products:
+                refs = [r for r in index.refs if r.product == p and r.is_good and r.split == "train"]
+                if not refs:
+                    raise FileNotFoundError(f"{root}: product {p!r} has no defect-free images in train/good, "
+                                            "which this method pastes onto")
+                if len(refs) > max_normal:
+                    refs = [refs[i] for i in sorted(rng.choice(len(refs), max_normal, replace=False))]
+                normal_by[p] = np.stack([load_sample(r, index.classes[p], res)["image"] for r in refs])
+        masks_by: dict[tuple[str, str], np.ndarray] = {}
+        if masks:
+            from defectforge.config import SplitConfig
+            from defectforge.data.splits import make_split
+
+            manifest = make_split(index, split if split is not None else SplitConfig())
+            lists: dict[tuple[str, str], list[np.ndarray]] = {}
+            for r in manifest.train:
+                if not r.is_good:
+                    lists.setdefault((r.product, r.defect), []).append(
+                        load_sample(r, index.classes[r.product], res)["mask"])
+            masks_by = {k: np.stack(v) for k, v in lists.items()}
+        return cls(normal_by, masks_by)
+
+    @classmethod
+    def for_generator(cls, gen: Generator, data_root: str | Path | None, split: Any = None,
+                      seed: int = 0) -> ConditionSource | None:
+        """The source ``gen`` needs from ``data_root``, or None when it needs none."""
+        if not (gen.requires_normal_images or gen.requires_masks):
+            return None
+        if data_root is None:
+            needs = "defect-free images" if gen.requires_normal_images else "real masks"
+            raise ValueError(f"method {gen.method_name()!r} needs {needs} from a dataset: pass --data PATH")
+        return cls.from_dataset(data_root, gen.context, normal=gen.requires_normal_images,
+                                masks=gen.requires_masks, split=split, seed=seed)
+
+    def fill(self, gen: Generator, cond: Conditions, seed: int) -> Conditions:
+        """``cond`` with ``normal_image`` / ``mask`` drawn for each entry (seeded)."""
+        rng = np.random.default_rng([int(seed), 17])
+        normal = mask = None
+        if gen.requires_normal_images:
+            normal = np.stack([self._pick(self.normal, p, p, rng) for p in cond.product])
+        if gen.requires_masks:
+            mask = np.stack([self._pick(self.masks, (p, d), f"{p}/{d}", rng)
+                             for p, d in zip(cond.product, cond.defect)])
+        return Conditions(list(cond.product), list(cond.defect), mask, normal)
+
+    @staticmethod
+    def _pick(table: dict, key: Any, label: str, rng: np.random.Generator) -> np.ndarray:
+        pool = table.get(key)
+        if pool is None or len(pool) == 0:
+            raise KeyError(f"no real images/masks for {label!r} in the condition source")
+        return pool[int(rng.integers(len(pool)))]
 
 
 @dataclass
@@ -53,15 +134,28 @@ class GenerationPlan:
 
 def sample_pairs(gen: Generator, plan: GenerationPlan, seed: int, batch_size: int,
                  reject_empty: bool = True, max_attempts: int = 4, progress: bool = True,
+                 source: ConditionSource | None = None, id_offset: int = 0,
                  **sample_kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Sample rows for ``plan`` in batches; seeds depend only on (seed, batch, attempt)."""
+    """Sample rows for ``plan`` in batches; seeds depend only on (seed, batch, attempt).
+
+    ``source`` supplies normal images / masks for methods that require them; ``id_offset`` shifts
+    the row ids (``<offset + i>``), so callers that sample one plan in pieces get unique ids.
+    """
+    if (gen.requires_normal_images or gen.requires_masks) and source is None:
+        raise ValueError(f"method {gen.method_name()!r} needs a ConditionSource (defect-free images / masks "
+                         "from a dataset): pass --data PATH")
+
+    def conditions(products: list[str], defects: list[str], s: int) -> Conditions:
+        cond = Conditions(products, defects)
+        return source.fill(gen, cond, s) if source is not None else cond
+
     rows: list[dict[str, Any]] = []
     stats = {"redrawn": 0, "still_empty": 0}
     n = len(plan.product)
     t0 = time.perf_counter()
     for b, start in enumerate(range(0, n, batch_size)):
         stop = min(start + batch_size, n)
-        cond = Conditions(plan.product[start:stop], plan.defect[start:stop])
+        cond = conditions(plan.product[start:stop], plan.defect[start:stop], seed * 100_003 + b)
         out = gen.sample(stop - start, cond, seed=seed * 100_003 + b, **sample_kwargs)
         images, masks = out.images.copy(), out.masks.copy()
         for attempt in range(1, max_attempts if reject_empty else 1):
@@ -69,13 +163,14 @@ def sample_pairs(gen: Generator, plan: GenerationPlan, seed: int, batch_size: in
             if len(empty) == 0:
                 break
             stats["redrawn"] += len(empty)
-            retry = Conditions([cond.product[i] for i in empty], [cond.defect[i] for i in empty])
-            again = gen.sample(len(empty), retry, seed=seed * 100_003 + b + 7_919 * attempt, **sample_kwargs)
+            retry_seed = seed * 100_003 + b + 7_919 * attempt
+            retry = conditions([cond.product[i] for i in empty], [cond.defect[i] for i in empty], retry_seed)
+            again = gen.sample(len(empty), retry, seed=retry_seed, **sample_kwargs)
             images[empty], masks[empty] = again.images, again.masks
         stats["still_empty"] += int((masks.reshape(len(masks), -1).max(axis=1) == 0).sum())
         for i in range(stop - start):
             rows.append({"image": images[i], "mask": masks[i], "product": cond.product[i],
-                         "defect": cond.defect[i], "id": f"{start + i:05d}", "split": "synthetic"})
+                         "defect": cond.defect[i], "id": f"{id_offset + start + i:05d}", "split": "synthetic"})
         if progress:
             rate = stop / max(time.perf_counter() - t0, 1e-9)
             print(f"[generate] {stop}/{n} pairs  {rate:.2f} pairs/s", flush=True)

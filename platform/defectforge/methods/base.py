@@ -158,6 +158,13 @@ class Generator(nn.Module, ABC):
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Every module some stage trains, by name."""
 
+    def prepare_from_data(self, rows: list[dict[str, Any]]) -> None:
+        """Hook run on every worker before the first stage with that worker's training rows.
+
+        Default: nothing. Model-free methods (Crop-Paste) keep what they need from the rows here
+        and return no stages; methods with data-derived statistics compute them here.
+        """
+
     def saved_modules(self) -> dict[str, nn.Module]:
         """Modules written to a checkpoint. Default: the trainable ones."""
         return self.trainable_modules()

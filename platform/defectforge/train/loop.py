@@ -14,6 +14,7 @@ Checkpoint directory (one per report, rank 0 writes it)::
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +72,34 @@ def _save(directory: Path, gen: Generator, ema: EMAModel | None, params: list[to
             ema.restore(params)
 
 
+def _latest_local(root: Path | None) -> ray.train.Checkpoint | None:
+    found = sorted(root.glob("checkpoint_*")) if root and root.is_dir() else []
+    found = [d for d in found if (d / STATE_FILE).is_file() and (d / GENERATOR_DIR).is_dir()]
+    return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
+
+
+def _report(metrics: dict[str, Any], rank: int, local_root: Path | None, global_step: int, num_to_keep: int,
+            write: Any) -> None:
+    """Every rank reports; rank 0 attaches a checkpoint written by ``write(directory)``."""
+    name = f"checkpoint_{global_step:08d}"
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+    elif local_root is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write(Path(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    else:
+        final, staging = local_root / name, local_root / f".{name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        write(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)  # a crash mid-write never leaves a half checkpoint to resume from
+        for old in sorted(local_root.glob("checkpoint_*"))[:-num_to_keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point run by every Ray Train worker (or in-process with ``num_workers=0``).
 
@@ -90,11 +119,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     gen = build_generator(cfg.method, context).to(device)
+    gen.prepare_from_data(loop_config["rows"])  # every row on every rank: model-free methods need all
     stages = gen.stages()
     stage_steps = [s.steps or tc.steps for s in stages]
 
     start_stage, start_step, global_step, resume_state = 0, 0, 0, None
-    checkpoint = ray.train.get_checkpoint()
+    # In-process runs (num_workers=0, Ray Train's local mode) get no checkpoint storage from Ray:
+    # the loop keeps their checkpoints under ``local_checkpoint_root`` itself and resumes from there.
+    local_root = Path(loop_config["local_checkpoint_root"]) if loop_config.get("local_checkpoint_root") else None
+    checkpoint = ray.train.get_checkpoint() or _latest_local(local_root)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume_state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
@@ -179,18 +212,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     # A finished stage keeps its EMA weights: later stages build on those.
                     ema.copy_to(params)
                 next_stage, next_step = (stage_index + 1, 0) if done else (stage_index, step + 1)
-                metrics = {**last_losses, "global_step": global_step, "stage": stage.name,
+                metrics = {**last_losses, "loss": last_losses[f"{stage.name}/loss"], "global_step": global_step, "stage": stage.name,
                            "stage_step": step + 1, "epoch_equiv": global_step * tc.batch_size / max(len(rows), 1)}
                 state = {"stage_index": next_stage, "stage_step": next_step, "global_step": global_step,
                          "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None}
-                if rank == 0:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        _save(Path(tmp), gen, None if done else ema, params, state)
-                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                         checkpoint_dir_name=f"checkpoint_{global_step:08d}")
-                else:
-                    ray.train.report(metrics, checkpoint=None)
+                _report(metrics, rank, local_root, global_step, tc.num_to_keep,
+                        lambda d: _save(d, gen, None if done else ema, params, state))
         del model
+    if not stages and resume_state is None:
+        # A model-free method (no stages) still leaves a loadable checkpoint.
+        state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "optimizer": None, "ema": None}
+        _report({"global_step": 0, "stage": "none"}, rank, local_root, 0, tc.num_to_keep,
+                lambda d: _save(d, gen, None, [], state))
     if rank == 0:
         print(f"[{label}] finished {global_step} steps", flush=True)
 

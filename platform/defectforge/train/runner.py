@@ -59,7 +59,8 @@ def scaling_config(cfg: ConfigBase):
 
 
 def fit_generator(cfg_dict: dict[str, Any], context_json: dict[str, Any], rows: list[dict[str, Any]],
-                  name: str, storage_path: str, mlflow_info: dict[str, str] | None = None) -> dict[str, Any]:
+                  name: str, storage_path: str, mlflow_info: dict[str, str] | None = None,
+                  callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Build and fit one TorchTrainer; returns the latest checkpoint path, metrics or the error.
 
     Used directly, from a Ray task (per-product runs) and from a Tune trial (sweeps).
@@ -73,12 +74,16 @@ def fit_generator(cfg_dict: dict[str, Any], context_json: dict[str, Any], rows: 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg_dict, "context": context_json, "rows": rows,
-                           "mlflow": mlflow_info, "label": name},
+                           "mlflow": mlflow_info, "label": name,
+                           # Ray's local mode (no workers) persists nothing: the loop keeps checkpoints.
+                           "local_checkpoint_root": str(Path(storage_path) / name) if cfg.train.scaling.num_workers == 0
+                           else None},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            callbacks=callbacks,
         ),
     )
     try:

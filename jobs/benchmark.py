@@ -1,0 +1,152 @@
+"""Benchmarks. ``python jobs/benchmark.py eval``: the Ray Data evaluation pipeline vs a plain loop.
+
+Both sides do the same work on the same conditions: generate ``n_per_defect`` pairs per
+(product, defect) from one checkpoint, extract features and logits of the generated and real
+reference images, FID statistics, KID, IS, LPIPS / IC-LPIPS and mask quality per group. The
+sequential side runs everything in this process, one batch after another; the pipeline side runs
+``evaluate.pipeline.run_pipeline`` on the local Ray cluster. Segmentation is left out of both (it
+dominates and is the same Ray tasks either way). Prints both times and their ratio.
+
+Without ``--checkpoint`` a Crop-Paste checkpoint is built from the data's few-shot training split
+(what ``defectforge train --method crop-paste`` writes, without Ray Train's start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _checkpoint(cfg, out: Path) -> Path:
+    from defectforge.methods.base import build_generator
+    from defectforge.train.data import load_training_data
+
+    data = load_training_data(cfg)
+    gen = build_generator(cfg.method, data.context)
+    gen.prepare_from_data(data.rows)
+    return gen.save_pretrained(out / "crop-paste")
+
+
+def sequential(cfg, checkpoint: Path, rows, real, references, extractor_kind: str, lpips_kind: str) -> dict:
+    """The same evaluation work as the pipeline, in one process."""
+    from defectforge.evaluate.metrics import (
+        GaussianStats, build_lpips, fid_from_stats, ic_lpips, inception_score_from_logits, kid, make_extractor,
+        mask_quality, mean_pairwise_lpips)
+    from defectforge.generate import ConditionSource, GenerationPlan, sample_pairs
+    from defectforge.methods.base import load_generator
+
+    gen = load_generator(checkpoint)
+    source = ConditionSource.for_generator(gen, str(cfg.data.path), cfg.data.split, seed=cfg.sampling.seed)
+    extractor = make_extractor(extractor_kind, cfg.evaluation.weights_dir)
+    lpips = build_lpips(lpips_kind, cfg.evaluation.weights_dir)
+    bs = cfg.sampling.batch_size
+    accepted = inspect.signature(gen.sample).parameters
+    kwargs = {k: v for k, v in {"sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps}.items()
+              if k in accepted and v is not None}
+    groups: dict = defaultdict(lambda: {"img": [], "mask": [], "f": [], "l": []})
+    for start in range(0, len(rows), bs):
+        chunk = rows[start:start + bs]
+        plan = GenerationPlan([r["product"] for r in chunk], [r["defect"] for r in chunk])
+        pairs, _ = sample_pairs(gen, plan, cfg.sampling.seed * 1_000_003 + chunk[0]["index"], len(chunk),
+                                progress=False, source=source, **kwargs)
+        images = np.stack([p["image"] for p in pairs])
+        f, lg = extractor.features(images), extractor.logits(images)
+        for i, p in enumerate(pairs):
+            g = groups[(p["product"], p["defect"])]
+            g["img"].append(p["image"]), g["mask"].append(p["mask"]), g["f"].append(f[i]), g["l"].append(lg[i])
+    real_feats: dict = defaultdict(list)
+    for start in range(0, len(real), bs):
+        chunk = real[start:start + bs]
+        f = extractor.features(np.stack([r["image"] for r in chunk]))
+        for i, r in enumerate(chunk):
+            real_feats[(r["product"], r["defect"])].append(f[i])
+    out = {}
+    for key, g in groups.items():
+        fg, fr = np.stack(g["f"]), np.stack(real_feats[key])
+        ref = references[f"{key[0]}/{key[1]}"]
+        out[key] = {"fid": fid_from_stats(GaussianStats.of(fg), GaussianStats.of(fr)), "kid": kid(fg, fr),
+                    "is": inception_score_from_logits(np.stack(g["l"]), splits=1).mean,
+                    "lpips": mean_pairwise_lpips(np.stack(g["img"]), lpips),
+                    "ic_lpips": ic_lpips(np.stack(g["img"]), ref["centres"], lpips),
+                    **mask_quality(g["mask"], list(ref["masks"]))}
+    return out
+
+
+def bench_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="jobs/benchmark.py eval")
+    p.add_argument("--checkpoint", help="generator dir (default: a Crop-Paste checkpoint built from the data)")
+    p.add_argument("--data", help="dataset root (default: built-in synthetic)")
+    p.add_argument("--n-per-defect", type=int, default=16)
+    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--out", default=None, help="scratch dir (default: a temporary one)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+
+    from defectforge.config import resolve_config
+    from defectforge.evaluate.pipeline import PipelineSpec, conditions_rows, generated_from_checkpoint, run_pipeline
+    from defectforge.evaluate.run import load_real
+    from defectforge.methods.base import read_checkpoint_meta
+    from defectforge.train.data import resolve_data_root
+    from defectforge.train.runner import ensure_ray
+
+    scratch = Path(args.out or tempfile.mkdtemp(prefix="df-bench-"))
+    method = read_checkpoint_meta(args.checkpoint)["method"] if args.checkpoint else "crop-paste"
+    cfg = resolve_config(method=method, preset="tiny", overrides=[
+        f"tracking.run_root={scratch}", "evaluation.feature_extractor=randfeat",
+        f"evaluation.n_per_defect={args.n_per_defect}", f"evaluation.num_actors={args.num_actors}",
+        *([f"data.path={args.data}"] if args.data else []), *args.overrides])
+    root = resolve_data_root(cfg)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(root)})})
+    checkpoint = Path(args.checkpoint) if args.checkpoint else _checkpoint(cfg, scratch)
+    context = read_checkpoint_meta(checkpoint)["context"]
+    classes = {p: tuple(c) for p, c in context["classes"].items()}
+    rows = conditions_rows(classes, args.n_per_defect)
+    real = load_real(cfg, root, list(classes), int(context["resolution"]))
+    references: dict = defaultdict(lambda: {"centres": [], "masks": []})
+    for r in real["few_shot"]:
+        references[f"{r['product']}/{r['defect']}"]["centres"].append(r["image"])
+    for r in real["reference"]:
+        references[f"{r['product']}/{r['defect']}"]["masks"].append(r["mask"])
+    references = {k: {kk: np.stack(vv) for kk, vv in v.items()} for k, v in references.items()}
+
+    t = time.perf_counter()
+    sequential(cfg, checkpoint, rows, real["reference"], references, "randfeat", "randnet")
+    seq_s = time.perf_counter() - t
+
+    ensure_ray()
+    spec = PipelineSpec(extractor="randfeat", weights_dir=None, lpips_kind="randnet", num_actors=args.num_actors,
+                        batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed)
+    t = time.perf_counter()
+    gen_ds = generated_from_checkpoint(checkpoint, rows, spec, {"sampler": cfg.sampling.sampler,
+                                                                "steps": cfg.sampling.steps},
+                                       data_root=str(root), split=cfg.data.split.model_dump(mode="json"))
+    run_pipeline(gen_ds, real["reference"], references, spec, scratch / "artifacts")
+    pipe_s = time.perf_counter() - t
+
+    print(f"[benchmark eval] {len(rows)} pairs ({method}), {len(real['reference'])} real reference images")
+    print(f"  sequential loop : {seq_s:8.2f} s")
+    print(f"  Ray Data pipeline: {pipe_s:8.2f} s  ({args.num_actors} actor(s) per stage)")
+    print(f"  ratio pipeline/sequential: {pipe_s / seq_s:.2f}  (sequential/pipeline speed-up {seq_s / pipe_s:.2f}x)")
+    return 0
+
+
+BENCHMARKS = {"eval": bench_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: python jobs/benchmark.py {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        return 2
+    return BENCHMARKS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Few-shot split protocols: which defective images a generator may learn from, which are held out.
+
+Why protocols with names: the papers differ here, and the differences matter. Defect-Gen and
+AnomalyDiffusion train on the lowest third of ids; the AnomalyDiffusion code's split overlaps its
+test set by one image, and on datasets that photograph one object several times (the magnetic
+tiles: ~6 exposures per tile) an id-based cut leaks the same object into both sides. So:
+
+* ``lowest-third``: ids sorted numerically, the first floor(n/3) train;
+* ``first-k``: the first ``k`` ids train;
+* ``half``: a seeded random half trains;
+* ``group``: whole groups (a metadata column) train, seeded, until ``train_fraction`` of the images
+  is reached, so no group is on both sides.
+
+Each applies per (product, defect type). Defect-free images keep their folder: ``train/good``
+trains, ``test/good`` tests. Every manifest is checked for disjointness when it is built (by image
+file, and by group for ``group``); a violation is a ``DataError``, never a silent leak.
+"""
+
+from __future__ import annotations
+
+import csv
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectforge.data.sample import DataError, DatasetIndex, SampleRef, id_sort_key
+
+
+@dataclass
+class SplitManifest:
+    """The refs on each side of a split; construction asserts the sides are disjoint."""
+
+    protocol: str
+    seed: int
+    train: list[SampleRef]
+    test: list[SampleRef]
+    groups: dict[Path, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        both = {r.image_path for r in self.train} & {r.image_path for r in self.test}
+        if both:
+            raise DataError(f"split {self.protocol}: {len(both)} image(s) on both sides, e.g. {sorted(both)[0]}")
+        if self.groups:
+            g_train = {self.groups[r.image_path] for r in self.train if r.image_path in self.groups}
+            g_test = {self.groups[r.image_path] for r in self.test if r.image_path in self.groups}
+            shared = g_train & g_test
+            if shared:
+                raise DataError(f"split {self.protocol}: group(s) {sorted(shared)[:5]} on both sides")
+
+    def ids(self, split: str) -> dict[str, list[str]]:
+        """``{"product/defect": [ids]}`` of one side (defect-free images as ``product/good``)."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for r in getattr(self, split):
+            out[f"{r.product}/{r.defect}"].append(r.id)
+        return {k: sorted(v, key=id_sort_key) for k, v in sorted(out.items())}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "seed": self.seed, "train": self.ids("train"), "test": self.ids("test"),
+                "n_train": len(self.train), "n_test": len(self.test)}
+
+
+def _rng(seed: int, *keys: str) -> np.random.Generator:
+    # crc32 rather than hash(): stable across processes (PYTHONHASHSEED) and machines.
+    return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
+
+
+def read_groups(index: DatasetIndex, metadata: str | Path | None, column: str) -> dict[Path, str]:
+    """Group of every defective image from a metadata CSV with columns ``cls``, ``id``, ``column``
+    (and ``product`` when the root holds several products). Looks in ``metadata``, else
+    ``<root>/metadata.csv``, else each ``<product>/metadata.csv``."""
+    files: list[tuple[Path, str | None]] = []
+    if metadata:
+        files = [(Path(metadata), None)]
+    elif (index.root / "metadata.csv").is_file():
+        files = [(index.root / "metadata.csv", None)]
+    else:
+        files = [(d / "metadata.csv", p) for p, d in index.product_dirs.items() if (d / "metadata.csv").is_file()]
+    if not files:
+        raise DataError(f"{index.root}: the group split needs a metadata CSV (columns cls, id, {column}); "
+                        "none found: set data.split.metadata")
+    table: dict[tuple[str | None, str, str], str] = {}
+    for path, product in files:
+        if not path.is_file():
+            raise DataError(f"group split: metadata file not found: {path}")
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"cls", "id", column} - set(reader.fieldnames or [])
+            if missing:
+                raise DataError(f"{path}: missing column(s) {sorted(missing)} (data.split.group_column={column!r})")
+            for row in reader:
+                key = (row.get("product") or product, row["cls"], row["id"])
+                table[key] = row[column]
+    groups = {}
+    for ref in index.defect_refs():
+        for key in ((ref.product, ref.defect, ref.id), (None, ref.defect, ref.id)):
+            if key in table:
+                groups[ref.image_path] = table[key]
+                break
+        else:
+            raise DataError(f"group split: {ref.image_path} has no row in the metadata "
+                            f"(looked up cls={ref.defect!r}, id={ref.id!r})")
+    return groups
+
+
+def _split_one(refs: list[SampleRef], cfg: Any, groups: dict[Path, str]) -> tuple[list[SampleRef], list[SampleRef]]:
+    refs = sorted(refs, key=lambda r: id_sort_key(r.id))
+    n, where = len(refs), f"{refs[0].product}/{refs[0].defect}"
+    if cfg.protocol == "lowest-third":
+        k = n // 3
+    elif cfg.protocol == "first-k":
+        k = cfg.k
+    elif cfg.protocol == "half":
+        order = _rng(cfg.seed, where).permutation(n)
+        k = n // 2
+        refs = [refs[i] for i in order]
+    else:  # group
+        names = sorted({groups[r.image_path] for r in refs})
+        order = _rng(cfg.seed, where).permutation(len(names))
+        target, chosen, count = cfg.train_fraction * n, set(), 0
+        sizes = {g: sum(groups[r.image_path] == g for r in refs) for g in names}
+        for i in order:
+            if count >= target or (len(chosen) == len(names) - 1 and len(names) > 1):
+                break
+            chosen.add(names[i])
+            count += sizes[names[i]]
+        train = [r for r in refs if groups[r.image_path] in chosen]
+        test = [r for r in refs if groups[r.image_path] not in chosen]
+        if not train or not test:
+            raise DataError(f"group split: {where} has {len(names)} group(s); need at least 2 for a train and a test side")
+        return train, test
+    if k < 1 or k >= n:
+        raise DataError(f"{cfg.protocol} split: {where} has {n} defective image(s), which leaves "
+                        f"{'no training' if k < 1 else 'no test'} image (k={k})")
+    return refs[:k], refs[k:]
+
+
+def make_split(index: DatasetIndex, cfg: Any) -> SplitManifest:
+    """Apply ``cfg`` (a ``SplitConfig``) to every (product, defect) of ``index``."""
+    groups = read_groups(index, cfg.metadata, cfg.group_column) if cfg.protocol == "group" else {}
+    by_type: dict[tuple[str, str], list[SampleRef]] = defaultdict(list)
+    for ref in index.defect_refs():
+        by_type[(ref.product, ref.defect)].append(ref)
+    train = [r for r in index.good_refs("train")]
+    test = [r for r in index.good_refs("test")]
+    for key in sorted(by_type):
+        tr, te = _split_one(by_type[key], cfg, groups)
+        train.extend(tr)
+        test.extend(te)
+    return SplitManifest(cfg.protocol, cfg.seed, train, test, groups)
+
+
+def carve_validation(refs: list[SampleRef], fraction: float, seed: int,
+                     groups: dict[Path, str] | None = None) -> tuple[list[SampleRef], list[SampleRef]]:
+    """Split training refs into (train, val), seeded and stratified by (product, defect).
+
+    With ``groups`` whole groups move to validation, so validation never shares an object with
+    training. Every stratum with >= 2 items (groups) keeps at least one on each side.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), not {fraction}")
+    strata: dict[tuple[str, str], list[SampleRef]] = defaultdict(list)
+    for r in refs:
+        strata[(r.product, r.defect)].append(r)
+    train, val = [], []
+    for key in sorted(strata):
+        items = sorted(strata[key], key=lambda r: (id_sort_key(r.id), str(r.image_path)))
+        unit = (lambda r: groups[r.image_path]) if groups else (lambda r: str(r.image_path))
+        names = sorted({unit(r) for r in items})
+        if len(names) < 2:
+            train.extend(items)
+            continue
+        n_val = min(len(names) - 1, max(1, round(fraction * len(names))))
+        picked = {names[i] for i in _rng(seed, *key).permutation(len(names))[:n_val]}
+        for r in items:
+            (val if unit(r) in picked else train).append(r)
+    if {r.image_path for r in train} & {r.image_path for r in val}:
+        raise DataError("validation carve produced overlapping sides")  # cannot happen; guarded anyway
+    return train, val

@@ -1,0 +1,146 @@
+"""Callable classes for Ray Data's ``map_batches`` / ``map_groups`` (one instance per actor).
+
+Why classes: a generator checkpoint, an Inception network or an LPIPS model is loaded once in
+``__init__`` and then serves every batch the actor receives; a plain function would reload it per
+batch. Batches are ``dict[str, np.ndarray]`` (``batch_format="numpy"``); images are uint8
+N x H x W x 3, masks uint8 N x H x W, the sample contract of DESIGN.md.
+
+Nothing here knows which method or dataset it serves: the generator comes from ``load_generator``,
+normal images / masks for methods that need them from ``generate.ConditionSource``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+
+GENERATED, REAL = "generated", "real"
+
+
+def _device(num_gpus: float) -> str:
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _get(value: Any) -> Any:
+    """Resolve an ``ObjectRef`` passed as a constructor argument (large tables travel by reference)."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+class GenerateActor:
+    """Conditions rows (``product``, ``defect``, ``index``) -> generated pairs, one checkpoint per actor.
+
+    The batch seed is ``seed * 1_000_003 + first index``, so the pairs depend on the seed and on
+    which rows a batch holds, not on which actor ran it. Empty masks are redrawn as in
+    ``defectforge generate`` (``generate.sample_pairs``).
+    """
+
+    def __init__(self, checkpoint: str, seed: int, sample_kwargs: dict[str, Any] | None = None,
+                 method_overrides: dict[str, Any] | None = None, data_root: str | None = None,
+                 split: dict[str, Any] | None = None, reject_empty: bool = True, max_attempts: int = 4,
+                 num_gpus: float = 0.0) -> None:
+        from defectforge.config import SplitConfig
+        from defectforge.generate import ConditionSource
+        from defectforge.methods.base import load_generator
+
+        self.gen = load_generator(checkpoint, device=_device(num_gpus), method_overrides=method_overrides)
+        accepted = inspect.signature(self.gen.sample).parameters
+        self.sample_kwargs = {k: v for k, v in (sample_kwargs or {}).items() if k in accepted and v is not None}
+        self.source = ConditionSource.for_generator(
+            self.gen, data_root, SplitConfig.model_validate(split) if split else None, seed=seed)
+        self.seed, self.reject_empty, self.max_attempts = seed, reject_empty, max_attempts
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from defectforge.generate import GenerationPlan, sample_pairs
+
+        index = np.asarray(batch["index"]).astype(np.int64)
+        plan = GenerationPlan([str(p) for p in batch["product"]], [str(d) for d in batch["defect"]])
+        rows, _ = sample_pairs(self.gen, plan, self.seed * 1_000_003 + int(index[0]), batch_size=len(index),
+                               reject_empty=self.reject_empty, max_attempts=self.max_attempts, progress=False,
+                               source=self.source, **self.sample_kwargs)
+        return {
+            "image": np.stack([r["image"] for r in rows]),
+            "mask": np.stack([r["mask"] for r in rows]),
+            "product": np.asarray(plan.product),
+            "defect": np.asarray(plan.defect),
+            "id": np.asarray([f"{i:05d}" for i in index]),
+            "split": np.asarray(["synthetic"] * len(rows)),
+            "source": np.asarray([GENERATED] * len(rows)),
+        }
+
+
+def decode_refs(batch: dict[str, np.ndarray], classes: dict[str, list[str]], resolution: int) -> dict[str, np.ndarray]:
+    """Rows of file paths -> sample rows; runs as Ray tasks so decoding never happens on the driver."""
+    from pathlib import Path
+
+    from defectforge.data.mvtec import load_sample
+    from defectforge.data.sample import SampleRef
+
+    rows = []
+    for product, defect, sid, image_path, mask_path in zip(batch["product"], batch["defect"], batch["id"],
+                                                           batch["image_path"], batch["mask_path"]):
+        ref = SampleRef(str(product), str(defect), str(sid), "test", Path(str(image_path)),
+                        Path(str(mask_path)) if str(mask_path) else None)
+        rows.append(load_sample(ref, tuple(classes[ref.product]), resolution))
+    return {
+        "image": np.stack([r["image"] for r in rows]), "mask": np.stack([r["mask"] for r in rows]),
+        "product": np.asarray([r["product"] for r in rows]), "defect": np.asarray([r["defect"] for r in rows]),
+        "id": np.asarray([r["id"] for r in rows]), "split": np.asarray(["synthetic"] * len(rows)),
+        "source": np.asarray([GENERATED] * len(rows)),
+    }
+
+
+class FeatureActor:
+    """Images -> feature rows and class logits of the configured extractor (pass-through otherwise)."""
+
+    def __init__(self, kind: str, weights_dir: str | None = None, num_gpus: float = 0.0) -> None:
+        from defectforge.evaluate.metrics import make_extractor
+
+        self.extractor = make_extractor(kind, weights_dir, device=_device(num_gpus))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = np.asarray(batch["image"])
+        out = dict(batch)
+        out["features"] = self.extractor.features(images).astype(np.float64)
+        out["logits"] = self.extractor.logits(images).astype(np.float64)
+        return out
+
+
+class DiversityFn:
+    """One (product, defect) group of generated pairs -> one row of diversity and mask metrics.
+
+    Mean pairwise LPIPS among the group's images; IC-LPIPS with the real few-shot *training*
+    images of that (product, defect) as cluster centres; mask quality against the real masks of
+    that (product, defect). ``references`` maps ``"product/defect"`` to ``{"centres": images,
+    "masks": masks}`` (an ObjectRef is resolved once per actor).
+    """
+
+    def __init__(self, lpips_kind: str, weights_dir: str | None, references: Any, max_pairs: int | None = 2000,
+                 num_gpus: float = 0.0) -> None:
+        from defectforge.evaluate.metrics import build_lpips
+
+        self.lpips = build_lpips(lpips_kind, weights_dir, device=_device(num_gpus))
+        self.references = _get(references)
+        self.max_pairs = max_pairs
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from defectforge.evaluate.metrics import ic_lpips, mask_quality, mean_pairwise_lpips, metric_name
+
+        product, defect = str(batch["product"][0]), str(batch["defect"][0])
+        order = np.argsort(np.asarray(batch["id"]).astype(str), kind="stable")  # independent of shuffle order
+        images, masks = np.asarray(batch["image"])[order], np.asarray(batch["mask"])[order]
+        ref = self.references.get(f"{product}/{defect}", {})
+        row: dict[str, Any] = {"product": product, "defect": defect, "n": float(len(images))}
+        lp, ic = metric_name("lpips", self.lpips), metric_name("ic_lpips", self.lpips)
+        row[lp] = mean_pairwise_lpips(images, self.lpips, max_pairs=self.max_pairs) if len(images) >= 2 else np.nan
+        centres = ref.get("centres")
+        row[ic] = ic_lpips(images, centres, self.lpips) if centres is not None and len(centres) else np.nan
+        real_masks = ref.get("masks")
+        if real_masks is not None and len(real_masks):
+            row.update(mask_quality(list(masks), list(real_masks)))
+        return {k: np.asarray([v]) for k, v in row.items()}

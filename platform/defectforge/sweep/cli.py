@@ -1,0 +1,92 @@
+"""Shared command-line handling of sweeps: ``defectforge sweep`` and ``jobs/sweep_defectgen.py``.
+
+Flags become config values (``--trials`` -> ``sweep.num_trials`` ...); trailing ``key=value``
+overrides come last. The embedded default (no ``--data``) sweeps the built-in synthetic dataset's
+first product with CPU-sized settings, so the main job finishes in minutes on a 2-CPU laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+# The main job's embedded default: small enough for 2 CPUs in minutes, still a real sweep.
+EMBEDDED_DEFAULT = {
+    "data": {"products": ["fabric"]},
+    "evaluation": {"feature_extractor": "randfeat", "n_per_defect": 6, "seg_seeds": 2, "seg_steps": 60},
+    "sweep": {"num_trials": 4},
+}
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="dataset root in MVTec layout (default: built-in synthetic)")
+    p.add_argument("--products", help="comma-separated products")
+    p.add_argument("--mode", choices=("per-product", "multi-product"), default=None)
+    p.add_argument("--space", help="search-space YAML (default: search_spaces/<method>.yaml)")
+    p.add_argument("--trials", type=int, default=None, help="trials per study")
+    p.add_argument("--concurrency", type=int, default=None, help="max concurrent trials")
+    p.add_argument("--objective", help="metric or metric:mode,metric:mode (multi-objective)")
+    p.add_argument("--name", help="sweep name (same name + storage resumes)")
+    p.add_argument("--storage-path", help="Tune/Train storage (shared storage on a cluster)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.add_argument("--run-root", default=None, help="runs, data and mlflow.db (default: runs)")
+    p.add_argument("--summary-json", help="write the sweep summary as JSON")
+
+
+def _extra(args: argparse.Namespace, embedded_default: bool) -> dict[str, Any]:
+    from defectforge.config import deep_merge
+
+    extra: dict[str, Any] = deep_merge(EMBEDDED_DEFAULT, {}) if embedded_default and not args.data else {}
+    flags: dict[str, Any] = {"data": {}, "train": {}, "sweep": {}, "tracking": {}}
+    if args.data:
+        flags["data"]["path"] = args.data
+    if args.products:
+        flags["data"]["products"] = [p.strip() for p in args.products.split(",") if p.strip()]
+    if args.mode:
+        flags["train"]["mode"] = args.mode
+    for flag, key in (("space", "space"), ("trials", "num_trials"), ("concurrency", "max_concurrent"),
+                      ("objective", "objective"), ("name", "name"), ("storage_path", "storage_path")):
+        if getattr(args, flag) is not None:
+            flags["sweep"][key] = getattr(args, flag)
+    if args.tracking_uri:
+        flags["tracking"]["uri"] = args.tracking_uri
+    if args.run_root:
+        flags["tracking"]["run_root"] = args.run_root
+    return deep_merge(extra, {k: v for k, v in flags.items() if v})
+
+
+def run_sweep_command(args: argparse.Namespace, method: str, embedded_default: bool = False) -> int:
+    from defectforge.config import ConfigError, resolve_config
+
+    try:
+        cfg = resolve_config(method=method, preset=getattr(args, "preset", None), config_file=args.config,
+                             overrides=args.overrides, extra=_extra(args, embedded_default))
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    from defectforge.sweep.run import results_table, sweep
+
+    summary = sweep(cfg, summary_json=args.summary_json)
+    print("\n" + results_table(summary))
+    for study in summary["studies"]:
+        best = study.get("best")
+        if best:
+            print(f"\nbest of {study['name']}: trial {best.get('trial_id')}  "
+                  + "  ".join(f"{o['metric']}={best[o['metric']]:.4g}" for o in summary["objectives"]))
+            print("  config: " + json.dumps(best["params"]))
+            print(f"  checkpoint: {best['checkpoint_dir']}")
+            if study.get("registered_model"):
+                print(f"  registered: {study['registered_model']['uri']}")
+        elif study.get("pareto_front") is not None:
+            print(f"\nPareto front of {study['name']}: {len(study['pareto_front'])} trial(s)")
+            for r in study["pareto_front"]:
+                print("  " + json.dumps(r["params"]) + "  " +
+                      "  ".join(f"{o['metric']}={r[o['metric']]:.4g}" for o in summary["objectives"]))
+        else:
+            print(f"\n{study['name']}: no trial finished")
+    print(f"\nMLflow: {summary['tracking_uri']} (experiment {summary['experiment']}, parent run "
+          f"{summary['parent_run_id']})")
+    print(f"open the UI: {summary['ui_command']}")
+    done = sum(r["status"] == "done" for s in summary["studies"] for r in s["trials"])
+    return 0 if done else 1

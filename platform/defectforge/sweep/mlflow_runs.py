@@ -1,0 +1,117 @@
+"""MLflow side of a sweep: one parent run per sweep, one child run per trial, the registry alias.
+
+Why runs are found by tag before they are created: a sweep that is restored after its driver
+died re-enters the same trials; looking the parent up by ``defectforge.sweep`` and each child by
+``defectforge.trial_id`` means no MLflow run is ever duplicated. (Ray's ``MLflowLoggerCallback``
+keys its runs in memory and opens a second run for a trial that restarts, and its run ids are not
+visible to the trial, which has to attach the checkpoint and sample grid; hence this module.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+
+from defectforge import tracking
+
+SWEEP_TAG = "defectforge.sweep"
+TRIAL_TAG = "defectforge.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _experiment_id(client: mlflow.MlflowClient, experiment: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise RuntimeError(f"MLflow experiment {experiment!r} does not exist (tracking.setup() first)")
+    return exp.experiment_id
+
+
+def parent_run(uri: str, experiment: str, sweep_name: str, cfg_dict: dict[str, Any],
+               space_meta: dict[str, Any]) -> str:
+    """The sweep's parent run: found by its tag (a resumed sweep) or created."""
+    client = mlflow.MlflowClient(uri)
+    exp_id = _experiment_id(client, experiment)
+    found = client.search_runs([exp_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}' and tags.`defectforge.kind` = 'sweep'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp_id, run_name=sweep_name, tags={
+        SWEEP_TAG: sweep_name, "defectforge.kind": "sweep", "defectforge.method": cfg_dict["method"]["name"]})
+    _log_params(client, run.info.run_id, tracking.flatten(cfg_dict))
+    client.log_dict(run.info.run_id, space_meta, "search_space.json")
+    return run.info.run_id
+
+
+def child_run(uri: str, experiment: str, sweep_name: str, parent_id: str, trial_id: str,
+              params: dict[str, Any]) -> str:
+    """The trial's child run: found by trial id (a restarted trial) or created under the parent."""
+    client = mlflow.MlflowClient(uri)
+    exp_id = _experiment_id(client, experiment)
+    found = client.search_runs([exp_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SWEEP_TAG}` = '{sweep_name}'",
+                               max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"{sweep_name}-{trial_id}", tags={
+        PARENT_TAG: parent_id, SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id, "defectforge.kind": "trial"})
+    _log_params(client, run.info.run_id, {k: str(v) for k, v in params.items()})
+    return run.info.run_id
+
+
+def _log_params(client: mlflow.MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import math
+    import time
+
+    now = int(time.time() * 1000)
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    items = [Metric(k, v, now, step) for k, v in clean.items()]
+    client = mlflow.MlflowClient(uri)
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def finish(uri: str, run_id: str, error: str | None = None) -> None:
+    client = mlflow.MlflowClient(uri)
+    if error:
+        client.set_tag(run_id, "defectforge.error", error[:4000])
+    client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+
+
+def register_best(uri: str, run_id: str, generator_dir: str | Path, model_name: str,
+                  alias: str = "best") -> str:
+    """Log the generator as an MLflow pyfunc model on ``run_id``, register it, set ``alias``.
+
+    The pyfunc wrapper (``defectforge.sweep.pyfunc``) loads the checkpoint directory with
+    ``load_generator``; ``mlflow.pyfunc.load_model("models:/<name>@best")`` gives a model whose
+    ``predict`` takes a table of (product, defect, seed) and returns pairs.
+    Returns the registered version number.
+    """
+    from defectforge.sweep.pyfunc import GeneratorModel
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=GeneratorModel(), artifacts={"generator": str(generator_dir)},
+            pip_requirements=["defectforge"],
+        )
+    version = mlflow.register_model(info.model_uri, model_name)
+    client.set_registered_model_alias(model_name, alias, version.version)
+    client.set_model_version_tag(model_name, version.version, "defectforge.run_id", run_id)
+    return str(version.version)
+
+
+def write_json_artifact(uri: str, run_id: str, data: Any, name: str) -> None:
+    mlflow.MlflowClient(uri).log_text(run_id, json.dumps(data, indent=2, default=str), name)

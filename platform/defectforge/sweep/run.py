@@ -1,0 +1,197 @@
+"""The sweep front door: parent MLflow run, one study per product (or one), results, registry.
+
+``sweep(cfg)`` is what ``defectforge sweep`` and ``jobs/sweep_defectgen.py`` call. At the end the
+parent run holds a results table (CSV + JSON), a trade-off / Pareto plot PNG and the summary; the
+best trial's generator of each study is registered as ``defectforge-<method>[-<product>]`` with
+the alias ``best``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from defectforge.config import ConfigBase, with_overrides
+from defectforge.sweep.objectives import Objective, best_row, parse_objectives, pareto_front
+from defectforge.sweep.runner import StudySpec, run_study
+
+
+def default_name(cfg: ConfigBase) -> str:
+    return cfg.sweep.name or f"sweep-{cfg.method.name}"
+
+
+def model_name(method: str, products: list[str], per_product: bool) -> str:
+    return f"defectforge-{method}" + (f"-{products[0]}" if per_product else "")
+
+
+def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep described by ``cfg.sweep``; returns the summary dict."""
+    import ray
+
+    from defectforge import tracking
+    from defectforge.sweep import mlflow_runs
+    from defectforge.sweep.space import load_space
+    from defectforge.train.data import load_training_data
+    from defectforge.train.runner import ensure_ray
+
+    t0 = time.perf_counter()
+    objectives = parse_objectives(cfg.sweep.objective, cfg.sweep.mode)
+    space = load_space(cfg.sweep.space or cfg.method.name)
+    if space.method != cfg.method.name:
+        raise ValueError(f"search space {space.source} is for method {space.method!r}, not {cfg.method.name!r}")
+    name = default_name(cfg)
+    run_root = Path(cfg.tracking.run_root).resolve()
+    storage = str(Path(cfg.sweep.storage_path).resolve() if cfg.sweep.storage_path and "://" not in cfg.sweep.storage_path
+                  else (cfg.sweep.storage_path or run_root / "sweeps"))
+    experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
+    uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
+    data = load_training_data(cfg)  # validates the data (and writes the synthetic set) before any trial
+    if cfg.data.path is None:
+        cfg = with_overrides(cfg, {"data.path": str(data.root)})
+    products = list(data.context.products)
+    per_product = cfg.train.mode == "per-product"
+    groups = [[p] for p in products] if per_product else [products]
+    ensure_ray()
+
+    space_meta = {"source": str(space.source), "parameters": sorted(space.parameters),
+                  "points_to_evaluate": space.points_to_evaluate,
+                  "objectives": [o.__dict__ for o in objectives]}
+    parent_id = mlflow_runs.parent_run(uri, experiment, name, cfg.to_dict(), space_meta)
+    print(f"[sweep] {name}: {cfg.sweep.num_trials} trial(s) per study, {len(groups)} study(ies) over {products}, "
+          f"objective {', '.join(f'{o.metric} ({o.mode})' for o in objectives)}; MLflow parent run {parent_id}",
+          flush=True)
+    specs = [StudySpec(name=f"{name}-{g[0]}" if per_product else name, products=g,
+                       cfg=with_overrides(cfg, {"data.products": g}).to_dict(), space_source=str(space.source),
+                       storage=storage, uri=uri, experiment=experiment, parent_run_id=parent_id,
+                       objectives=objectives) for g in groups]
+    if len(specs) == 1:
+        rows_per_study = [run_study(specs[0])]
+    else:  # one Tune driver per product, as Ray tasks: concurrent when the cluster has room
+        remote = ray.remote(num_cpus=0, max_retries=0)(run_study)
+        rows_per_study = ray.get([remote.remote(s) for s in specs])
+
+    studies = []
+    for spec, rows in zip(specs, rows_per_study):
+        study: dict[str, Any] = {"name": spec.name, "products": spec.products, "trials": rows}
+        if len(objectives) == 1:
+            best = best_row([r for r in rows if r["status"] == "done"], objectives[0])
+            study["best"] = best
+            if best and cfg.sweep.register_model:
+                mname = model_name(cfg.method.name, spec.products, per_product)
+                version = mlflow_runs.register_best(uri, best["mlflow_run_id"], best["checkpoint_dir"], mname)
+                study["registered_model"] = {"name": mname, "version": version, "alias": "best",
+                                             "uri": f"models:/{mname}@best"}
+        else:
+            study["pareto_front"] = pareto_front([r for r in rows if r["status"] == "done"], objectives)
+        studies.append(study)
+
+    summary = {"sweep": name, "method": cfg.method.name, "objectives": [o.__dict__ for o in objectives],
+               "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_id, "storage": storage,
+               "studies": studies, "duration_s": time.perf_counter() - t0,
+               "ui_command": ui_command(uri, run_root)}
+    _log_parent(uri, parent_id, summary, objectives, run_root / "sweeps" / f"{name}-report")
+    if summary_json:
+        Path(summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def ui_command(uri: str, run_root: Path) -> str:
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --port 5000"
+    return f"open {uri} in a browser"
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """A plain-text table of every trial: study, status, parameters, objectives."""
+    objectives = [o["metric"] for o in summary["objectives"]]
+    rows = [r for s in summary["studies"] for r in s["trials"]]
+    params = sorted({k for r in rows for k in r.get("params", {})})
+    head = ["study", "trial", "status", *[p.split(".")[-1] for p in params], *objectives, "loss"]
+    lines = [head]
+    for r in rows:
+        lines.append([r["study"], str(r.get("trial_id") or "?"), r["status"],
+                      *[_fmt(r.get("params", {}).get(p)) for p in params],
+                      *[_fmt(r.get(o)) for o in objectives], _fmt(r.get("loss"))])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def _csv(summary: dict[str, Any]) -> str:
+    rows = [r for s in summary["studies"] for r in s["trials"]]
+    keys = sorted({k for r in rows for k in r if k != "params"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k) for k in keys})
+    return buf.getvalue()
+
+
+def tradeoff_plot(summary: dict[str, Any], objectives: list[Objective], path: Path) -> Path | None:
+    """Scatter of the trials over the first two objectives (or objective vs loss), Pareto front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for s in summary["studies"] for r in s["trials"] if r["status"] == "done"]
+    x_obj = objectives[0]
+    y_key = objectives[1].metric if len(objectives) > 1 else "loss"
+    pts = [(r[x_obj.metric], r.get(y_key)) for r in rows
+           if isinstance(r.get(x_obj.metric), (int, float)) and isinstance(r.get(y_key), (int, float))]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], label="trials", color="tab:blue")
+    if len(objectives) > 1:
+        front = sorted(pareto_front(rows, objectives[:2]), key=lambda r: r[x_obj.metric])
+        ax.plot([r[x_obj.metric] for r in front], [r[y_key] for r in front], "o-", color="tab:red",
+                label="Pareto front")
+    for r in rows:
+        if isinstance(r.get(x_obj.metric), (int, float)) and isinstance(r.get(y_key), (int, float)):
+            ax.annotate(str(r.get("trial_id", ""))[-5:], (r[x_obj.metric], r[y_key]), fontsize=7)
+    ax.set_xlabel(f"{x_obj.metric} ({x_obj.mode})")
+    ax.set_ylabel(y_key if len(objectives) == 1 else f"{y_key} ({objectives[1].mode})")
+    ax.set_title(summary["sweep"])
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _log_parent(uri: str, parent_id: str, summary: dict[str, Any], objectives: list[Objective], out: Path) -> None:
+    import mlflow
+
+    from defectforge.sweep import mlflow_runs
+
+    out.mkdir(parents=True, exist_ok=True)
+    client = mlflow.MlflowClient(uri)
+    client.log_text(parent_id, results_table(summary), "results/table.txt")
+    client.log_text(parent_id, _csv(summary), "results/trials.csv")
+    client.log_text(parent_id, json.dumps(summary, indent=2, default=str), "results/summary.json")
+    plot = tradeoff_plot(summary, objectives, out / ("pareto.png" if len(objectives) > 1 else "tradeoff.png"))
+    if plot:
+        client.log_artifact(parent_id, str(plot), "results")
+    best_vals = {}
+    for s in summary["studies"]:
+        if s.get("best"):
+            for o in objectives:
+                best_vals[f"best_{o.metric}" + (f"_{s['products'][0]}" if len(summary["studies"]) > 1 else "")] = \
+                    s["best"][o.metric]
+    n_done = sum(r["status"] == "done" for s in summary["studies"] for r in s["trials"])
+    mlflow_runs.log_metrics(uri, parent_id, {**best_vals, "trials_done": n_done})
+    mlflow_runs.finish(uri, parent_id)

@@ -1,0 +1,211 @@
+"""Hyper-parameter sweeps: Ray Tune + Optuna over a search-space file, any registered method.
+
+The Train V2 pattern (DESIGN.md): each trial is a *function trainable* that applies its
+parameters to the base config, fits a ``TorchTrainer`` (named by trial id, so a restarted trial
+resumes its Train run) with ``TuneReportCallback`` forwarding the training losses to Tune, then
+runs the evaluation pipeline on the trained checkpoint and reports the objective(s).
+
+* Search: ``OptunaSearch`` (TPE, seeded, ``points_to_evaluate`` = the space's paper defaults).
+  Training reports carry losses, not the objective, so Optuna is told only about results that
+  hold the objective (``_ObjectiveOnlyOptunaSearch``) and strict metric checking is off for the
+  sweep driver (``TUNE_DISABLE_STRICT_METRIC_CHECKING``, Tune's own switch for this).
+* Scheduling: ``ASHAScheduler`` on the training ``loss`` (single-objective sweeps), so poor
+  trials stop before their evaluation is paid for.
+* Concurrency: ``max_concurrent_trials`` = what the cluster's CPUs (GPUs) hold given each trial's
+  Train workers, unless ``sweep.max_concurrent`` says otherwise.
+* Per-product sweeps run one study per product (Ray tasks, concurrent when resources allow);
+  multi-product sweeps one study.
+* Resume: ``Tuner.restore`` when the sweep's folder exists: finished trials are not re-run and the
+  MLflow runs are found again by tag (``sweep/mlflow_runs.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from defectforge.config import ConfigBase, config_from_dict, with_overrides
+from defectforge.sweep.objectives import Objective, best_row, pareto_front
+
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+
+def _optuna_search_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class _ObjectiveOnlyOptunaSearch(OptunaSearch):
+        """OptunaSearch that ignores intermediate results without the objective (training losses)."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            if all(m in result for m in metrics):
+                super().on_trial_result(trial_id, result)
+
+    return _ObjectiveOnlyOptunaSearch
+
+
+@dataclass
+class StudySpec:
+    """Everything a study (one per product in per-product mode) needs; sent to a Ray task."""
+
+    name: str
+    products: list[str]
+    cfg: dict[str, Any]
+    space_source: str
+    storage: str
+    uri: str
+    experiment: str
+    parent_run_id: str
+    objectives: list[Objective]
+
+
+def trial_resources(cfg: ConfigBase) -> dict[str, float]:
+    """What one trial occupies while it trains: its Train workers (or one CPU in-process)."""
+    sc = cfg.train.scaling
+    n = max(sc.num_workers, 1)
+    cpu = float(sc.resources_per_worker.get("CPU", 1)) * n
+    gpu = float(sc.resources_per_worker.get("GPU", 1 if sc.use_gpu else 0)) * n if sc.use_gpu else 0.0
+    return {"CPU": cpu, "GPU": gpu}
+
+
+def max_concurrent_trials(cfg: ConfigBase) -> int:
+    import ray
+
+    if cfg.sweep.max_concurrent:
+        return cfg.sweep.max_concurrent
+    total = ray.cluster_resources()
+    need = trial_resources(cfg)
+    fits = [math.floor(total.get(k, 0) / v) for k, v in need.items() if v > 0]
+    return max(1, min(fits) if fits else 1)
+
+
+def _trial(config: dict[str, Any], spec: StudySpec) -> None:
+    """One Tune trial: train (Ray Train, reports forwarded), evaluate, report the objective(s)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from defectforge.evaluate.run import evaluate
+    from defectforge.sweep import mlflow_runs
+    from defectforge.sweep.space import load_space
+    from defectforge.train.data import load_training_data
+    from defectforge.train.runner import fit_generator
+
+    space = load_space(spec.space_source)
+    params = {k: v for k, v in config.items() if k in space.parameters}
+    cfg = space.apply(config_from_dict(spec.cfg), params)
+    trial_id = tune.get_context().get_trial_id()
+    run_id = mlflow_runs.child_run(spec.uri, spec.experiment, spec.name, spec.parent_run_id, trial_id,
+                                   {**params, "products": ",".join(spec.products)})
+    try:
+        data = load_training_data(cfg, spec.products)
+        result = fit_generator(cfg.to_dict(), data.context.to_json(), data.rows, f"{spec.name}-{trial_id}",
+                               str(Path(spec.storage) / "train"), {"uri": spec.uri, "run_id": run_id},
+                               callbacks=[TuneReportCallback()])
+        if result["error"]:
+            raise RuntimeError(f"training failed: {result['error']}")
+        checkpoint = Path(result["checkpoint"]) / "generator"
+        summary = evaluate(cfg, checkpoint=checkpoint, out=Path(spec.storage) / "eval" / f"{spec.name}-{trial_id}",
+                           log_to_mlflow=False, quiet=True)
+        objectives = objective_values(summary)
+        missing = [o.metric for o in spec.objectives if o.metric not in objectives]
+        if missing:
+            raise KeyError(f"sweep.objective {missing} not in the evaluation summary; "
+                           f"available: {sorted(objectives)}")
+        from defectforge.evaluate.report import log_summary_to_run
+
+        log_summary_to_run(spec.uri, run_id, summary)
+        import mlflow
+
+        mlflow.MlflowClient(spec.uri).log_artifacts(run_id, str(checkpoint), "generator")
+        mlflow_runs.finish(spec.uri, run_id)
+    except Exception as exc:
+        mlflow_runs.finish(spec.uri, run_id, error=f"{type(exc).__name__}: {exc}")
+        raise
+    tune.report({**objectives, "loss": result["metrics"].get("loss", float("nan")),
+                 "checkpoint_dir": str(checkpoint), "mlflow_run_id": run_id})
+
+
+def objective_values(summary: dict[str, Any]) -> dict[str, float]:
+    """Flat objective names from an evaluation summary.
+
+    ``overall`` metrics by their names (``fid_randfeat``, ``kid_randfeat``, ``lpips``...), the
+    segmentation gain as ``seg_gain`` (pixel AP gain, mean over seeds) and ``seg_gain_<metric>``.
+    """
+    out: dict[str, float] = {}
+    for k, v in (summary.get("overall") or {}).items():
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+    seg = summary.get("segmentation") or {}
+    gain = seg.get("gain") or {}
+    for metric, stats in gain.items():
+        if isinstance(stats, dict) and "mean" in stats:
+            out[f"seg_gain_{metric}"] = float(stats["mean"])
+    if "seg_gain_pixel_ap" in out:
+        out["seg_gain"] = out["seg_gain_pixel_ap"]
+    return out
+
+
+def run_study(spec: StudySpec) -> list[dict[str, Any]]:
+    """Fit (or restore and finish) one Tune study; returns one row per trial."""
+    from optuna.samplers import TPESampler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from defectforge.sweep.space import define_by_run, load_space
+
+    cfg = config_from_dict(spec.cfg)
+    space = load_space(spec.space_source)
+    objectives = spec.objectives
+    metric = objectives[0].metric if len(objectives) == 1 else [o.metric for o in objectives]
+    mode = objectives[0].mode if len(objectives) == 1 else [o.mode for o in objectives]
+    searcher = _optuna_search_class()(
+        space=define_by_run(space), metric=metric, mode=mode,
+        points_to_evaluate=space.points_to_evaluate or None, sampler=TPESampler(seed=cfg.sweep.seed))
+    n_reports = cfg.train.steps // cfg.train.checkpoint_every + (cfg.train.steps % cfg.train.checkpoint_every > 0)
+    scheduler = None
+    if cfg.sweep.scheduler == "asha" and len(objectives) == 1:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric="loss", mode="min",
+                                  max_t=n_reports + 1, grace_period=max(1, cfg.sweep.grace_period),
+                                  reduction_factor=cfg.sweep.reduction_factor)
+    trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec), {"cpu": 0.01})
+    path = str(Path(spec.storage) / spec.name)
+    if tune.Tuner.can_restore(path):
+        print(f"[sweep] {spec.name}: restoring the interrupted sweep from {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.sweep.num_trials,
+                                        max_concurrent_trials=max_concurrent_trials(cfg)),
+            run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_max_failures),
+                                      verbose=1),
+        )
+    grid = tuner.fit()
+    rows = []
+    for res in grid:
+        row = {"trial_id": res.metrics.get("trial_id") if res.metrics else None, "products": spec.products,
+               "study": spec.name, "error": _short_error(res.error)}
+        row.update({k: v for k, v in (res.config or {}).items() if k in space.parameters})
+        row["params"] = {k: v for k, v in (res.config or {}).items() if k in space.parameters}
+        for k, v in (res.metrics or {}).items():
+            if k in ("checkpoint_dir", "mlflow_run_id", "loss") or any(k == o.metric for o in objectives):
+                row[k] = v
+        row["status"] = "error" if res.error else ("done" if all(o.metric in row for o in objectives) else "stopped")
+        rows.append(row)
+    return rows
+
+
+def _short_error(err: Any) -> str | None:
+    if err is None:
+        return None
+    text = str(err).strip().splitlines()
+    for line in reversed(text):
+        if line.strip():
+            return line.strip()[:500]
+    return type(err).__name__
