@@ -257,11 +257,15 @@ def mask_to_class_ids(raw: np.ndarray, class_id: int, n_classes: int, path: Path
     values = np.unique(raw)
     if values.max(initial=0) == 0:
         raise BadSampleError(path, "empty defect mask (all pixels 0)")
+    shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
     if set(values.tolist()) <= {0, 255}:
         return np.where(raw == 255, class_id, 0).astype(np.uint8)
     if values.max() <= n_classes:
+        if class_id not in values:
+            # e.g. a 0/1 binary mask in the folder of class 3 would silently become class 1
+            raise BadSampleError(path, f"class-id mask values {{{shown}}} lack this folder's class id "
+                                       f"{class_id}; a binary mask must be 0/255")
         return raw.astype(np.uint8)
-    shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
     raise BadSampleError(path, f"mask values {{{shown}}} are neither 0/255 nor known class ids "
                                f"(0..{n_classes} for this product)")
 

@@ -82,7 +82,10 @@ def read_groups(index: DatasetIndex, metadata: str | Path | None, column: str) -
     if not files:
         raise DataError(f"{index.root}: the group split needs a metadata CSV (columns cls, id, {column}); "
                         "none found: set data.split.metadata")
-    table: dict[tuple[str | None, str, str], str] = {}
+    # a set per key: a file without a product column over several products (or a duplicated row)
+    # can give one image two groups, and picking either could leak a part across the cut
+    table: dict[tuple[str | None, str, str], set[str]] = defaultdict(set)
+    sources: dict[tuple[str | None, str, str], set[Path]] = defaultdict(set)
     for path, product in files:
         if not path.is_file():
             raise DataError(f"group split: metadata file not found: {path}")
@@ -93,12 +96,19 @@ def read_groups(index: DatasetIndex, metadata: str | Path | None, column: str) -
                 raise DataError(f"{path}: missing column(s) {sorted(missing)} (data.split.group_column={column!r})")
             for row in reader:
                 key = (row.get("product") or product, row["cls"], row["id"])
-                table[key] = row[column]
+                table[key].add(row[column])
+                sources[key].add(path)
     groups = {}
     for ref in index.defect_refs():
         for key in ((ref.product, ref.defect, ref.id), (None, ref.defect, ref.id)):
             if key in table:
-                groups[ref.image_path] = table[key]
+                if len(table[key]) > 1:
+                    raise DataError(f"group split: {ref.image_path} has {len(table[key])} different "
+                                    f"{column!r} values {sorted(table[key])} in "
+                                    f"{', '.join(map(str, sorted(sources[key])))} (cls={ref.defect!r}, "
+                                    f"id={ref.id!r}); add a 'product' column when the dataset holds "
+                                    "several products")
+                groups[ref.image_path] = next(iter(table[key]))
                 break
         else:
             raise DataError(f"group split: {ref.image_path} has no row in the metadata "
