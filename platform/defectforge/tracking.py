@@ -140,6 +140,22 @@ def start_run(cfg_dict: Mapping[str, Any] | None, run_name_: str, tags: Mapping[
         yield run
 
 
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+    """Log the finite numbers of ``metrics`` into an existing run (batched; NaN/inf left out)."""
+    import math
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    client = mlflow.MlflowClient(uri)
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
 def _version() -> str:
     from defectforge import __version__
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +160,9 @@ def make_split(index: DatasetIndex, cfg: Any) -> SplitManifest:
         tr, te = _split_one(by_type[key], cfg, groups)
         train.extend(tr)
         test.extend(te)
-    return SplitManifest(cfg.protocol, cfg.seed, train, test, groups)
+    # Refs carry the side they are on now (a few-shot training image was found under test/).
+    return SplitManifest(cfg.protocol, cfg.seed, [replace(r, split="train") for r in train],
+                         [replace(r, split="test") for r in test], groups)
 
 
 def carve_validation(refs: list[SampleRef], fraction: float, seed: int,

@@ -185,7 +185,7 @@ def _draw_stain(rng, s, region):
 
 _SHAPES = {"scratch": _draw_scratch, "hole": _draw_hole, "crack": _draw_crack, "stain": _draw_stain}
 _STAIN_TINT = {"fabric": (0.75, 0.55, 0.3), "metal": (0.55, 0.55, 0.55), "wood": (0.5, 0.45, 0.4),
-               "cap": (0.9, 1.4, 0.5)}
+               "cap": (0.45, 0.7, 0.4)}
 
 
 def _apply_defect(img: np.ndarray, mask: np.ndarray, defect: str, product: str, s: int) -> np.ndarray:

@@ -111,6 +111,18 @@ class FeatureActor:
         return out
 
 
+def diversity_of_group(product: str, defect: str, references: Any, lpips_kind: str, weights_dir: str | None,
+                       num_gpus: float, *blocks: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Diversity and mask metrics of one (product, defect) group, from the pair blocks (a Ray task)."""
+    keep = [(b, np.flatnonzero((np.asarray(b["product"]).astype(str) == product)
+                               & (np.asarray(b["defect"]).astype(str) == defect))) for b in blocks]
+    batch = {c: np.concatenate([np.asarray(b[c])[i] for b, i in keep if len(i)]) for c in ("image", "mask", "id")}
+    batch["product"] = np.asarray([product] * len(batch["id"]))
+    batch["defect"] = np.asarray([defect] * len(batch["id"]))
+    out = DiversityFn(lpips_kind, weights_dir, references, num_gpus=num_gpus)(batch)
+    return {k: (v[0].item() if isinstance(v[0], np.generic) else v[0]) for k, v in out.items()}
+
+
 class DiversityFn:
     """One (product, defect) group of generated pairs -> one row of diversity and mask metrics.
 

@@ -12,7 +12,7 @@ Shape of one run::
         +--> feature rows of both (union) -> Parquet  <artifacts>/features/
         +--> groupby(source, product, defect).aggregate(GaussianStatsAgg)  -> FID statistics
         +--> feature columns only -> KID (needs every feature) and IS (logits)
-        +--> generated, groupby(product, defect).map_groups(DiversityFn, ActorPool): LPIPS, IC-LPIPS, masks
+        +--> generated, one Ray task per (product, defect): LPIPS, IC-LPIPS, mask quality
 
 An existing folder (MVTec layout, as ``defectforge generate`` writes) or Parquet file of generated
 pairs replaces the first stage: the folder's files are decoded by Ray tasks (``decode_refs``).
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from defectforge.evaluate.actors import GENERATED, REAL, DiversityFn, FeatureActor, GenerateActor, decode_refs
+from defectforge.evaluate.actors import GENERATED, REAL, FeatureActor, GenerateActor, decode_refs, diversity_of_group
 from defectforge.evaluate.aggregate import grouped_stats
 from defectforge.evaluate.metrics import GaussianStats
 
@@ -252,15 +252,15 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
             logits[(str(s), str(p), str(d))].append(lg)
 
     t3 = time.perf_counter()
-    # Few large blocks before the shuffle (see aggregate.grouped_stats): one per inference batch
-    # would make the hash shuffle schedule hundreds of tiny tasks.
-    diversity = pairs.select_columns(["image", "mask", "product", "defect", "id"]).repartition(
-        max(1, math.ceil(n_generated / 512))).groupby(
-        ["product", "defect"], num_partitions=SHUFFLE_PARTITIONS).map_groups(
-        DiversityFn,
-        fn_constructor_kwargs={"lpips_kind": spec.lpips_kind, "weights_dir": spec.weights_dir,
-                               "references": ray.put(references), "num_gpus": spec.num_gpus_per_actor},
-        **_map_kwargs(spec, pools=1)).take_all()
+    # One Ray task per (product, defect): each reads the pair blocks from the object store and keeps
+    # its group. Tasks release their CPU when done, unlike a hash shuffle feeding an actor pool,
+    # which deadlocked when the pool's actor and the shuffle's tasks wanted the same two CPUs.
+    pair_refs = pairs.select_columns(["image", "mask", "product", "defect", "id"]).to_numpy_refs()
+    groups = sorted({k[1:] for k in features if k[0] == GENERATED})
+    task = ray.remote(num_cpus=1, num_gpus=spec.num_gpus_per_actor or None)(diversity_of_group)
+    references_ref = ray.put(references)
+    diversity = ray.get([task.remote(p, d, references_ref, spec.lpips_kind, spec.weights_dir,
+                                     spec.num_gpus_per_actor, *pair_refs) for p, d in groups])
     timings["diversity_s"] = time.perf_counter() - t3
     timings["pipeline_s"] = time.perf_counter() - t0
     return PipelineResult(

@@ -161,3 +161,21 @@ def log_to_mlflow(cfg_dict: dict[str, Any], summary: dict[str, Any], run_root: s
             elif path.is_file():
                 mlflow.log_artifact(str(path))
         return run.info.run_id
+
+
+def log_summary_to_run(uri: str, run_id: str, summary: dict[str, Any], step: int = 0) -> None:
+    """Log an evaluation summary into an existing run (a sweep trial's child run): flat metrics,
+    the sample grid, the table and the summary JSON."""
+    import json
+
+    import mlflow
+
+    from defectforge.tracking import log_metrics
+
+    log_metrics(uri, run_id, flat_metrics(summary), step=step)
+    client = mlflow.MlflowClient(uri)
+    folder = Path(summary["artifacts"]["dir"]) / "artifacts"
+    for name in ("sample_grid.png", "table.txt"):
+        if (folder / name).is_file():
+            client.log_artifact(run_id, str(folder / name), "evaluation")
+    client.log_text(run_id, json.dumps(summary, indent=2, default=str), "evaluation/summary.json")

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -263,6 +264,10 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     artifacts.mkdir(parents=True, exist_ok=True)
 
     ensure_ray()
+    import ray.data
+
+    # Ray Data's live progress bars flood logs and job output; the pipeline prints its own timings.
+    ray.data.DataContext.get_current().enable_progress_bars = not quiet and sys.stdout.isatty()
     spec = PipelineSpec(extractor=ev.feature_extractor, weights_dir=ev.weights_dir,
                         lpips_kind="standard" if ev.feature_extractor == "standard" else "randnet",
                         num_actors=ev.num_actors, num_gpus_per_actor=ev.num_gpus_per_actor,

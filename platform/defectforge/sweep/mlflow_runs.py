@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 
 from defectforge import tracking
+from defectforge.tracking import log_metrics  # noqa: F401  (re-exported for sweep code)
 
 SWEEP_TAG = "defectforge.sweep"
 TRIAL_TAG = "defectforge.trial_id"
@@ -68,18 +69,6 @@ def _log_params(client: mlflow.MlflowClient, run_id: str, params: dict[str, str]
     items = list(params.items())
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
-
-
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    import math
-    import time
-
-    now = int(time.time() * 1000)
-    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    items = [Metric(k, v, now, step) for k, v in clean.items()]
-    client = mlflow.MlflowClient(uri)
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
 
 
 def finish(uri: str, run_id: str, error: str | None = None) -> None:

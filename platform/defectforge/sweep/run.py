@@ -53,6 +53,10 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     data = load_training_data(cfg)  # validates the data (and writes the synthetic set) before any trial
     if cfg.data.path is None:
         cfg = with_overrides(cfg, {"data.path": str(data.root)})
+    if cfg.train.scaling.num_workers == 0:
+        # Ray Train's in-process mode is not available inside a Tune trial: one worker actor instead.
+        print("[sweep] train.scaling.num_workers=0 -> 1: sweep trials train on a Ray Train worker", flush=True)
+        cfg = with_overrides(cfg, {"train.scaling.num_workers": 1})
     products = list(data.context.products)
     per_product = cfg.train.mode == "per-product"
     groups = [[p] for p in products] if per_product else [products]

@@ -7,7 +7,7 @@ runs the evaluation pipeline on the trained checkpoint and reports the objective
 
 * Search: ``OptunaSearch`` (TPE, seeded, ``points_to_evaluate`` = the space's paper defaults).
   Training reports carry losses, not the objective, so Optuna is told only about results that
-  hold the objective (``_ObjectiveOnlyOptunaSearch``) and strict metric checking is off for the
+  hold the objective (``ObjectiveOnlyOptunaSearch``) and strict metric checking is off for the
   sweep driver (``TUNE_DISABLE_STRICT_METRIC_CHECKING``, Tune's own switch for this).
 * Scheduling: ``ASHAScheduler`` on the training ``loss`` (single-objective sweeps), so poor
   trials stop before their evaluation is paid for.
@@ -29,24 +29,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defectforge.config import ConfigBase, config_from_dict, with_overrides
-from defectforge.sweep.objectives import Objective, best_row, pareto_front
+from ray.tune.search.optuna import OptunaSearch
+
+from defectforge.config import ConfigBase, config_from_dict
+from defectforge.sweep.objectives import Objective
 
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
-def _optuna_search_class():
-    from ray.tune.search.optuna import OptunaSearch
+class ObjectiveOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that ignores intermediate results without the objective (training losses).
 
-    class _ObjectiveOnlyOptunaSearch(OptunaSearch):
-        """OptunaSearch that ignores intermediate results without the objective (training losses)."""
+    Module-level (not a closure) so that Tune can pickle it into the sweep checkpoint.
+    """
 
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            if all(m in result for m in metrics):
-                super().on_trial_result(trial_id, result)
-
-    return _ObjectiveOnlyOptunaSearch
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if all(m in result for m in metrics):
+            super().on_trial_result(trial_id, result)
 
 
 @dataclass
@@ -65,15 +65,20 @@ class StudySpec:
 
 
 def trial_resources(cfg: ConfigBase) -> dict[str, float]:
-    """What one trial occupies while it trains: its Train workers (or one CPU in-process)."""
+    """What one trial occupies at its peak: its Train workers while training, then the evaluation
+    pipeline (its actors plus one CPU left free for Ray Data's read/map tasks)."""
     sc = cfg.train.scaling
     n = max(sc.num_workers, 1)
-    cpu = float(sc.resources_per_worker.get("CPU", 1)) * n
-    gpu = float(sc.resources_per_worker.get("GPU", 1 if sc.use_gpu else 0)) * n if sc.use_gpu else 0.0
-    return {"CPU": cpu, "GPU": gpu}
+    train_cpu = float(sc.resources_per_worker.get("CPU", 1)) * n
+    eval_cpu = float(cfg.evaluation.num_actors) + 1.0
+    gpu = float(sc.resources_per_worker.get("GPU", 1)) * n if sc.use_gpu else 0.0
+    gpu = max(gpu, cfg.evaluation.num_actors * cfg.evaluation.num_gpus_per_actor)
+    return {"CPU": max(train_cpu, eval_cpu), "GPU": gpu}
 
 
 def max_concurrent_trials(cfg: ConfigBase) -> int:
+    """``sweep.max_concurrent``, else as many trials as the cluster holds at their peak needs
+    (concurrent Ray Data pipelines that each hold every CPU would otherwise starve each other)."""
     import ray
 
     if cfg.sweep.max_concurrent:
@@ -163,7 +168,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     objectives = spec.objectives
     metric = objectives[0].metric if len(objectives) == 1 else [o.metric for o in objectives]
     mode = objectives[0].mode if len(objectives) == 1 else [o.mode for o in objectives]
-    searcher = _optuna_search_class()(
+    searcher = ObjectiveOnlyOptunaSearch(
         space=define_by_run(space), metric=metric, mode=mode,
         points_to_evaluate=space.points_to_evaluate or None, sampler=TPESampler(seed=cfg.sweep.seed))
     n_reports = cfg.train.steps // cfg.train.checkpoint_every + (cfg.train.steps % cfg.train.checkpoint_every > 0)

@@ -196,19 +196,23 @@ def to_optuna(space: SearchSpace) -> dict[str, BaseDistribution]:
     return {p: s.distribution() for p, s in space.parameters.items() if not s.fixed}
 
 
-def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any] | None]:
+class DefineByRun:
     """A define-by-run function for ``OptunaSearch(space=...)`` (Ray 2.60) or ``study.ask()``.
 
     It suggests each active parameter in dependency order (a conditional parameter only when its
     condition holds on the values drawn so far) and returns the active fixed values as constants,
-    which Ray merges into the trial config; ``None`` when there are none.
+    which Ray merges into the trial config; ``None`` when there are none. A class, not a closure:
+    Tune pickles the searcher (and this with it) into the sweep's checkpoint for ``Tuner.restore``.
     """
 
-    def suggest(trial: optuna.Trial) -> dict[str, Any] | None:
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any] | None:
         drawn: dict[str, Any] = {}
         constants: dict[str, Any] = {}
-        for path, spec in space.parameters.items():
-            if not _condition_holds(spec, drawn, space.parameters, None):
+        for path, spec in self.space.parameters.items():
+            if not _condition_holds(spec, drawn, self.space.parameters, None):
                 continue
             if spec.fixed:
                 drawn[path] = constants[path] = spec.value
@@ -216,7 +220,10 @@ def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]
                 drawn[path] = spec.suggest(trial)
         return constants or None
 
-    return suggest
+
+def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any] | None]:
+    """``DefineByRun(space)``: see there."""
+    return DefineByRun(space)
 
 
 # ---------------------------------------------------------------------------------- loading
