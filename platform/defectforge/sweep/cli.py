@@ -15,7 +15,9 @@ from typing import Any
 EMBEDDED_DEFAULT = {
     "data": {"products": ["fabric"]},
     "evaluation": {"feature_extractor": "randfeat", "n_per_defect": 6, "seg_seeds": 2, "seg_steps": 60},
-    "sweep": {"num_trials": 4},
+    # Every trial of a 4-trial laptop sweep should end with a model to compare in MLflow, so no
+    # early stopping here; cluster sweeps keep sweep.scheduler=asha (the default).
+    "sweep": {"num_trials": 4, "scheduler": "none"},
 }
 
 

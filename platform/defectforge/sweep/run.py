@@ -50,6 +50,9 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
                   else (cfg.sweep.storage_path or run_root / "sweeps"))
     experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
     uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
+    from defectforge.evaluate.run import check_extractors
+
+    check_extractors(cfg)  # missing standard weights fail here, not after the first trial trained
     data = load_training_data(cfg)  # validates the data (and writes the synthetic set) before any trial
     if cfg.data.path is None:
         cfg = with_overrides(cfg, {"data.path": str(data.root)})

@@ -138,18 +138,15 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
 def objective_values(summary: dict[str, Any]) -> dict[str, float]:
     """Flat objective names from an evaluation summary.
 
-    ``overall`` metrics by their names (``fid_randfeat``, ``kid_randfeat``, ``lpips``...), the
-    segmentation gain as ``seg_gain`` (pixel AP gain, mean over seeds) and ``seg_gain_<metric>``.
+    ``overall`` metrics by their names (``fid_randfeat``, ``kid_randfeat``, ``lpips_randnet``...),
+    the segmentation numbers by theirs (``seg_gain_pixel_ap``, ``seg_real_pixel_auroc``...), and
+    ``seg_gain``: the pixel-AP gain of real + synthetic over real only, the default objective.
     """
     out: dict[str, float] = {}
-    for k, v in (summary.get("overall") or {}).items():
-        if isinstance(v, (int, float)):
-            out[k] = float(v)
-    seg = summary.get("segmentation") or {}
-    gain = seg.get("gain") or {}
-    for metric, stats in gain.items():
-        if isinstance(stats, dict) and "mean" in stats:
-            out[f"seg_gain_{metric}"] = float(stats["mean"])
+    for section in ("overall", "segmentation"):
+        for k, v in (summary.get(section) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v)
     if "seg_gain_pixel_ap" in out:
         out["seg_gain"] = out["seg_gain_pixel_ap"]
     return out
