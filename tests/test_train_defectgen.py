@@ -83,3 +83,21 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, synth_root, tmp_pat
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_cli_per_product_and_multi_product(ray_session, synth_root, tmp_path, capsys):
+    """`--products a,b` trains one generator per product (concurrent Ray tasks); with
+    `--mode multi-product` one generator conditioned on both products."""
+    from defectforge.cli import main
+
+    common = ["--data", str(synth_root), "--products", "fabric,metal", "--no-mlflow", "train.steps=2",
+              "train.checkpoint_every=2", "train.batch_size=2"]
+    assert main(["train", *common, "--out", str(tmp_path / "pp")]) == 0
+    for product in ("fabric", "metal"):
+        gen = load_generator(tmp_path / "pp" / f"train-defect-gen-{product}" / "generator")
+        assert gen.context.products == (product,)
+    assert main(["train", *common, "--mode", "multi-product", "--out", str(tmp_path / "mp")]) == 0
+    gen = load_generator(tmp_path / "mp" / "train-defect-gen-fabric+metal" / "generator")
+    assert gen.context.products == ("fabric", "metal")
+    batch = gen.sample(2, Conditions(["fabric", "metal"], ["hole", "scratch"]), seed=0, steps=2)
+    assert batch.product == ["fabric", "metal"] and batch.images.shape[0] == 2

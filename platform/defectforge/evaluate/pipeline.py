@@ -37,6 +37,7 @@ import numpy as np
 
 from defectforge.evaluate.actors import GENERATED, REAL, FeatureActor, GenerateActor, decode_refs, diversity_of_group
 from defectforge.evaluate.aggregate import grouped_stats
+from defectforge.cluster import outside_placement_group
 from defectforge.evaluate.metrics import GaussianStats
 
 PAIR_COLUMNS = ["image", "mask", "product", "defect", "id", "split"]
@@ -257,7 +258,8 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     # which deadlocked when the pool's actor and the shuffle's tasks wanted the same two CPUs.
     pair_refs = pairs.select_columns(["image", "mask", "product", "defect", "id"]).to_numpy_refs()
     groups = sorted({k[1:] for k in features if k[0] == GENERATED})
-    task = ray.remote(num_cpus=1, num_gpus=spec.num_gpus_per_actor or None)(diversity_of_group)
+    task = ray.remote(num_cpus=1, num_gpus=spec.num_gpus_per_actor or None,
+                      scheduling_strategy=outside_placement_group())(diversity_of_group)
     references_ref = ray.put(references)
     diversity = ray.get([task.remote(p, d, references_ref, spec.lpips_kind, spec.weights_dir,
                                      spec.num_gpus_per_actor, *pair_refs) for p, d in groups])

@@ -194,7 +194,9 @@ def run_segmentation(real: dict[str, Any], products: list[str], pair_refs: list[
 
     from defectforge.evaluate.segmentation import CONDITIONS, aggregate_runs
 
-    task = ray.remote(num_cpus=1, max_retries=0)(_seg_task)
+    from defectforge.cluster import outside_placement_group
+
+    task = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy=outside_placement_group())(_seg_task)
     refs = []
     for p in products:
         train_ref = ray.put([r for r in real["few_shot"] + real["good_train"] if r["product"] == p])
@@ -240,7 +242,7 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     )
     from defectforge.evaluate.report import format_table, log_to_mlflow as mlflow_log, sample_grid, write_summary
     from defectforge.train.data import resolve_data_root
-    from defectforge.train.runner import ensure_ray
+    from defectforge.cluster import ensure_ray
 
     if (checkpoint is None) == (generated is None):
         raise ValueError("evaluate: pass exactly one of checkpoint (a generator dir) or generated (pairs)")

@@ -37,7 +37,7 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     from defectforge.sweep import mlflow_runs
     from defectforge.sweep.space import load_space
     from defectforge.train.data import load_training_data
-    from defectforge.train.runner import ensure_ray
+    from defectforge.cluster import ensure_ray
 
     t0 = time.perf_counter()
     objectives = parse_objectives(cfg.sweep.objective, cfg.sweep.mode)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defectforge.cluster import ensure_ray
 from defectforge.config import ConfigBase, save_config
 from defectforge.train.data import TrainingData, load_training_data
 from defectforge.train.loop import GENERATOR_DIR, train_loop_per_worker
@@ -40,14 +41,6 @@ class TrainOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None and self.checkpoint is not None
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (e.g. under ``ray job submit``) or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
 def scaling_config(cfg: ConfigBase):
