@@ -26,10 +26,12 @@ TINY = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=4", "eval
 
 
 def _space(tmp_path: Path, lrs: list[float]) -> Path:
+    # "1.0e+30", not "1e+30": YAML 1.1 reads a float without a dot in the mantissa as a string.
     path = tmp_path / "space.yaml"
+    values = [f"{lr:.4e}" for lr in lrs]
     path.write_text("method: defect-gen\nparameters:\n  train.lr:\n    type: categorical\n"
-                    f"    choices: {json.dumps(lrs)}\n"
-                    "points_to_evaluate:\n" + "".join(f"  - {{train.lr: {lr}}}\n" for lr in lrs))
+                    f"    choices: [{', '.join(values)}]\n"
+                    "points_to_evaluate:\n" + "".join(f"  - {{train.lr: {v}}}\n" for v in values))
     return path
 
 
@@ -57,7 +59,7 @@ def test_sweep_logs_runs_registers_best_and_survives_a_diverging_trial(ray_sessi
     client = mlflow.MlflowClient(uri)
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_done"] == 1
-    children = _children(uri, "nan")
+    children = _children(uri, "nan-fabric")  # per-product mode: one study per product
     assert len(children) == 2
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     status = sorted(c.info.status for c in children)
@@ -113,7 +115,7 @@ def test_killed_sweep_resumes_and_runs_every_trial_once(ray_session, synth_root,
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         try:
-            if any(c.info.status == "FINISHED" for c in _children(uri, "rs")):
+            if any(c.info.status == "FINISHED" for c in _children(uri, "rs-fabric")):
                 break
         except Exception:  # the database or experiment does not exist yet
             pass
@@ -121,12 +123,12 @@ def test_killed_sweep_resumes_and_runs_every_trial_once(ray_session, synth_root,
     assert proc.poll() is None, "the sweep ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {c.data.tags["defectforge.trial_id"]: c.info.status for c in _children(uri, "rs")}
+    before = {c.data.tags["defectforge.trial_id"]: c.info.status for c in _children(uri, "rs-fabric")}
     assert 1 <= list(before.values()).count("FINISHED") < 3
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    children = _children(uri, "rs")
+    children = _children(uri, "rs-fabric")
     ids = [c.data.tags["defectforge.trial_id"] for c in children]
     assert len(ids) == 3 and len(set(ids)) == 3, ids  # no trial twice, no MLflow run duplicated
     assert all(c.info.status == "FINISHED" for c in children)

@@ -31,6 +31,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from defectforge.cluster import outside_placement_group
 from defectforge.config import ConfigBase, config_from_dict
 from defectforge.sweep.objectives import Objective
 
@@ -114,8 +115,13 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
         if result["error"]:
             raise RuntimeError(f"training failed: {result['error']}")
         checkpoint = Path(result["checkpoint"]) / "generator"
-        summary = evaluate(cfg, checkpoint=checkpoint, out=Path(spec.storage) / "eval" / f"{spec.name}-{trial_id}",
-                           log_to_mlflow=False, quiet=True)
+        # The evaluation drives Ray Data and Ray tasks that need whole CPUs; run it as a task outside
+        # the trial's tiny placement group, which would otherwise capture (and starve) all of them.
+        import ray
+
+        remote_eval = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=outside_placement_group())(evaluate)
+        summary = ray.get(remote_eval.remote(cfg, checkpoint=checkpoint, log_to_mlflow=False, quiet=True,
+                                             out=Path(spec.storage) / "eval" / f"{spec.name}-{trial_id}"))
         objectives = objective_values(summary)
         missing = [o.metric for o in spec.objectives if o.metric not in objectives]
         if missing:
