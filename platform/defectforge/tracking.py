@@ -140,6 +140,31 @@ def start_run(cfg_dict: Mapping[str, Any] | None, run_name_: str, tags: Mapping[
         yield run
 
 
+def reopen_or_create_run(uri: str, experiment: str, tag_filter: str, run_name_: str, tags: Mapping[str, str],
+                         params: Mapping[str, Any]) -> tuple[str, bool]:
+    """The run matching ``tag_filter`` (set RUNNING again), else a new one with ``tags`` and ``params``.
+
+    Why: a resumed training run, sweep or trial must land in its existing MLflow run, never a
+    duplicate. Returns (run_id, created).
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise RuntimeError(f"MLflow experiment {experiment!r} does not exist (tracking.setup() first)")
+    found = client.search_runs([exp.experiment_id], tag_filter, max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, False
+    run_id = client.create_run(exp.experiment_id, run_name=run_name_, tags=dict(tags)).info.run_id
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params
+        client.log_batch(run_id, params=items[i:i + 100])
+    return run_id, True
+
+
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
     """Log the finite numbers of ``metrics`` into an existing run (batched; NaN/inf left out)."""
     import math

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Param
 
 from defectforge import tracking
 from defectforge.tracking import log_metrics  # noqa: F401  (re-exported for sweep code)
@@ -24,51 +23,26 @@ TRIAL_TAG = "defectforge.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 
 
-def _experiment_id(client: mlflow.MlflowClient, experiment: str) -> str:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise RuntimeError(f"MLflow experiment {experiment!r} does not exist (tracking.setup() first)")
-    return exp.experiment_id
-
-
 def parent_run(uri: str, experiment: str, sweep_name: str, cfg_dict: dict[str, Any],
                space_meta: dict[str, Any]) -> str:
     """The sweep's parent run: found by its tag (a resumed sweep) or created."""
-    client = mlflow.MlflowClient(uri)
-    exp_id = _experiment_id(client, experiment)
-    found = client.search_runs([exp_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}' and tags.`defectforge.kind` = 'sweep'",
-                               max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    run = client.create_run(exp_id, run_name=sweep_name, tags={
-        SWEEP_TAG: sweep_name, "defectforge.kind": "sweep", "defectforge.method": cfg_dict["method"]["name"]})
-    _log_params(client, run.info.run_id, tracking.flatten(cfg_dict))
-    client.log_dict(run.info.run_id, space_meta, "search_space.json")
-    return run.info.run_id
+    run_id, created = tracking.reopen_or_create_run(
+        uri, experiment, f"tags.`{SWEEP_TAG}` = '{sweep_name}' and tags.`defectforge.kind` = 'sweep'", sweep_name,
+        {SWEEP_TAG: sweep_name, "defectforge.kind": "sweep", "defectforge.method": cfg_dict["method"]["name"]},
+        tracking.flatten(cfg_dict))
+    if created:
+        mlflow.MlflowClient(uri).log_dict(run_id, space_meta, "search_space.json")
+    return run_id
 
 
 def child_run(uri: str, experiment: str, sweep_name: str, parent_id: str, trial_id: str,
               params: dict[str, Any]) -> str:
     """The trial's child run: found by trial id (a restarted trial) or created under the parent."""
-    client = mlflow.MlflowClient(uri)
-    exp_id = _experiment_id(client, experiment)
-    found = client.search_runs([exp_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SWEEP_TAG}` = '{sweep_name}'",
-                               max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=f"{sweep_name}-{trial_id}", tags={
-        PARENT_TAG: parent_id, SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id, "defectforge.kind": "trial"})
-    _log_params(client, run.info.run_id, {k: str(v) for k, v in params.items()})
-    return run.info.run_id
-
-
-def _log_params(client: mlflow.MlflowClient, run_id: str, params: dict[str, str]) -> None:
-    items = list(params.items())
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+    run_id, _ = tracking.reopen_or_create_run(
+        uri, experiment, f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SWEEP_TAG}` = '{sweep_name}'",
+        f"{sweep_name}-{trial_id}",
+        {PARENT_TAG: parent_id, SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id, "defectforge.kind": "trial"}, params)
+    return run_id
 
 
 def finish(uri: str, run_id: str, error: str | None = None) -> None:

@@ -113,24 +113,14 @@ def _mlflow_run(cfg: ConfigBase, name: str, data: TrainingData, run_dir: Path) -
 
     uri = tracking.setup(cfg.tracking.uri, cfg.tracking.run_root,
                          tracking.experiment_name(cfg.method.name, cfg.tracking.experiment), cfg.tracking.timeout_s)
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(tracking.experiment_name(cfg.method.name, cfg.tracking.experiment))
-    found = client.search_runs([exp.experiment_id], f"tags.`defectforge.train_dir` = '{run_dir}'",
-                               max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run = client.create_run(exp.experiment_id, run_name=name, tags={
-            "defectforge.kind": "train", "defectforge.method": cfg.method.name,
-            "defectforge.products": ",".join(data.context.products), "defectforge.train_dir": str(run_dir)})
-        run_id = run.info.run_id
-        params = tracking.flatten(cfg.to_dict())
-        items = list(params.items())
-        from mlflow.entities import Param
-
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+    run_id, created = tracking.reopen_or_create_run(
+        uri, tracking.experiment_name(cfg.method.name, cfg.tracking.experiment),
+        f"tags.`defectforge.train_dir` = '{run_dir}'", name,
+        {"defectforge.kind": "train", "defectforge.method": cfg.method.name,
+         "defectforge.products": ",".join(data.context.products), "defectforge.train_dir": str(run_dir)},
+        tracking.flatten(cfg.to_dict()))
+    if created:
+        client = mlflow.MlflowClient(uri)
         client.log_dict(run_id, data.manifest, "split_manifest.json")
         client.log_dict(run_id, data.context.to_json(), "context.json")
     return {"uri": uri, "run_id": run_id}
