@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -20,9 +21,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(input_args: list[str] | None = None) -> int:
+    from defectforge.cli import run_reporting_user_errors
+
     args = parse_args(input_args)
-    return int(args.func(args) or 0)
+    return run_reporting_user_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":
+    # Under `ray job submit --working-dir .` without an installed package, import from the checkout.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
     sys.exit(main())

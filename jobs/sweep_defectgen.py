@@ -33,9 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from defectforge.cli import run_reporting_user_errors
     from defectforge.sweep.cli import run_sweep_command
 
-    return run_sweep_command(parse_args(argv), method="defect-gen", embedded_default=True)
+    args = parse_args(argv)
+    return run_reporting_user_errors(lambda: run_sweep_command(args, method="defect-gen", embedded_default=True))
 
 
 if __name__ == "__main__":

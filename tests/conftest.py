@@ -2,15 +2,33 @@
 
 Why session-scoped: generating data and starting Ray cost seconds; DESIGN.md also warns that two
 local Ray clusters on one machine confuse Train V2's cleanup.
+
+Why the cluster is a head started with ``ray start --head`` rather than ``ray.init()``: the tests
+submit a Ray job to it (``ray job submit`` needs a running head with its dashboard), and subprocess
+tests (killed drivers, CLI runs) join the same cluster through ``RAY_ADDRESS``.
+
+Why the token is set here: a new local head enables token auth (DESIGN.md: keep it on), and a
+client only sends the token if ``RAY_AUTH_MODE=token`` is in its environment *before* ray is
+imported. A session token in ``RAY_AUTH_TOKEN`` keeps the tests away from ``~/.ray/auth_token``.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+# Before anything imports ray (its auth mode is read once, at import).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 # ray.train.report blocks ~2 s per call at the default health-check interval (DESIGN.md).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,13 +54,75 @@ def magnetic_tile() -> Path:
     return SHARED_MT
 
 
+@dataclass(frozen=True)
+class RayHead:
+    gcs_address: str  # for ray.init / RAY_ADDRESS
+    dashboard: str  # for ray job submit --address
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray cluster for the whole session (num_cpus=2)."""
+def ray_head(tmp_path_factory):
+    """A local head (2 CPUs, dashboard on) started with ``ray start --head --block``, stopped at the end.
+
+    The venv's bin directory goes first on the head's PATH so that a job entrypoint ``python ...``
+    runs this interpreter. ``RAY_ADDRESS`` is exported so every subprocess joins this cluster.
+    """
+    bin_dir = Path(sys.executable).parent
+    port, dash = _free_port(), _free_port()
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+           "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
+           "--disable-usage-stats"]
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    gcs = None
+    deadline = time.time() + 120
+    while gcs is None and time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start --head exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        for line in log.read_text().splitlines():  # "ray start --address='<ip>:<port>'" once it is up
+            if "ray start --address=" in line and f":{port}" in line:
+                gcs = line.split("--address=")[1].split("'")[1]
+        time.sleep(0.2)
+    if gcs is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the Ray head did not come up in 120 s:\n{log.read_text()[-3000:]}")
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = gcs
+    yield RayHead(gcs_address=gcs, dashboard=f"http://127.0.0.1:{dash}")
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
+    # --block: SIGTERM stops every Ray process of the head (~4 s when idle); Ray's graceful drain can
+    # take 30 s with workers about, and nothing of this throw-away cluster needs saving.
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=8)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    from ray._common.utils import get_ray_address_file  # the head leaves its address behind
+
+    address_file = Path(get_ray_address_file(None))
+    if address_file.is_file() and address_file.read_text().strip() == gcs:
+        address_file.unlink()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_head):
+    """This process connected to the session's head (``ray_head``) for the whole session."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address=ray_head.gcs_address, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}})
     yield ray
     ray.shutdown()

@@ -141,15 +141,18 @@ def test_evaluate_crop_paste_checkpoint_end_to_end(crop_paste_checkpoint, synth_
     assert set(feats.column("source").to_pylist()) == {"generated", "real"}
     assert (tmp_path / "eval" / "artifacts" / "sample_grid.png").is_file()
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["defectforge/crop-paste"],
-                              filter_string="tags.`defectforge.kind` = 'evaluate'")
+    from defectforge import tracking
+
+    with tracking.active(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"):
+        runs = mlflow.search_runs(experiment_names=["defectforge/crop-paste"],
+                                  filter_string="tags.`defectforge.kind` = 'evaluate'")
     assert len(runs) == 1 and runs.iloc[0]["run_id"] == summary["mlflow_run_id"]
     row = runs.iloc[0]
     for key in ("fabric/fid_randfeat", "metal/kid_randfeat", "fabric/lpips_randnet",
                 "fabric/seg_real_pixel_auroc", "fabric/seg_gain_pixel_ap_std", "seg_gain_pixel_auroc"):
         assert math.isfinite(row[f"metrics.{key}"]), key
-    artifacts = mlflow.MlflowClient().list_artifacts(summary["mlflow_run_id"])
+    artifacts = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").list_artifacts(
+        summary["mlflow_run_id"])
     assert {"pairs", "features", "sample_grid.png", "summary.json"} <= {a.path for a in artifacts}
 
 

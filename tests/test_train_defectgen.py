@@ -6,6 +6,7 @@ storage and restore-by-name.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,15 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return {f"{f.stem}.{k}": v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+def _registered_step(snapshot: Path) -> int | None:
+    """Global step of the latest checkpoint in Train's controller snapshot, None before there is one."""
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return None
+    return latest["metrics"]["global_step"] if latest else None
+
+
 def test_killed_run_resumes_from_its_checkpoint(ray_session, synth_root, tmp_path):
     """Kill the training driver after its first checkpoint; the same command resumes from it and
     ends with the weights of an uninterrupted run."""
@@ -57,14 +67,16 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, synth_root, tmp_pat
     storage = tmp_path / "b" / "ray" / "r"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    # Kill once Train's controller has *registered* a checkpoint (its snapshot lists it): a checkpoint
+    # folder alone can appear just before the kill and is then rightly not resumed from.
+    snapshot = storage / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 300
-    while not list(storage.glob("checkpoint_0*")) and time.time() < deadline and proc.poll() is None:
+    while _registered_step(snapshot) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = sorted(storage.glob("checkpoint_0*"))
-    assert first, "no checkpoint appeared before the kill"
-    steps_at_kill = int(first[-1].name.split("_")[1])
+    steps_at_kill = _registered_step(snapshot)
+    assert steps_at_kill is not None, "no checkpoint was registered before the kill"
     assert steps_at_kill < 40, "the run finished before it could be killed; raise train.steps"
 
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -83,6 +95,7 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, synth_root, tmp_pat
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
 
 
 def test_cli_per_product_and_multi_product(ray_session, synth_root, tmp_path, capsys):

@@ -147,6 +147,16 @@ def test_resume_after_crash_equals_uninterrupted_run(ray_session, synth_root, tm
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
+    # Started again once finished (a sweep trial killed during its evaluation): nothing is trained,
+    # the final checkpoint stands.
+    CALLS.clear()
+    [again] = train(_cfg(synth_root, tmp_path), tmp_path / "b", name="resumed", log_to_mlflow=False)
+    assert again.ok, again.error
+    assert CALLS == []
+    c = _weights(again.checkpoint)
+    for key in a:
+        assert torch.equal(a[key], c[key]), key
+
 
 def test_nan_loss_fails_with_a_clear_reason(ray_session, synth_root, tmp_path):
     from defectforge.train.runner import train

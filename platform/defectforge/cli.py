@@ -13,7 +13,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def _config_args(p: argparse.ArgumentParser, method_default: str | None = "defect-gen") -> None:
@@ -210,12 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; user errors (bad config, data, checkpoint, tracking URI) print one clear
-    line and exit 2, anything else is a bug and keeps its traceback."""
+    """Run a command; user errors exit 2 with one clear line (``run_reporting_user_errors``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_reporting_user_errors(lambda: args.func(args))
+
+
+def run_reporting_user_errors(fn: Callable[[], int | None]) -> int:
+    """Call ``fn``; user errors (bad config, data, checkpoint, tracking URI) print one clear line
+    and return 2, anything else is a bug and keeps its traceback. Shared with ``jobs/*.py``."""
     try:
-        return int(args.func(args) or 0)
+        return int(fn() or 0)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
         from defectforge.methods.base import CheckpointError
         from defectforge.tracking import TrackingError

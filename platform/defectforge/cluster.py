@@ -1,5 +1,11 @@
 """Ray cluster helpers shared by train/, evaluate/ and sweep/.
 
+Why ``ensure_ray`` may ship the package: under ``ray job submit --working-dir .`` the driver
+imports defectforge from the uploaded checkout (``jobs/*.py`` put ``platform/`` on ``sys.path``),
+but ``--working-dir`` only puts the checkout's root on the workers' path. When the package is not
+installed in the cluster's site-packages, the driver passes it as a ``py_modules`` runtime env, so
+Train workers, Tune trials and Ray Data actors import the very code the driver runs.
+
 Why ``outside_placement_group``: a sweep trial runs inside a tiny Tune placement group
 (``{"cpu": 0.01}``) that captures the tasks it starts. The evaluation's own Ray tasks (diversity
 metrics, segmentation runs) need whole CPUs, so they are scheduled on the cluster at large.
@@ -8,14 +14,38 @@ metrics, segmentation runs) need whole CPUs, so they are scheduled on the cluste
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (e.g. under ``ray job submit``) or start a local one."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    runtime_env = None
+    if under_ray_job() and not package_installed():
+        package = package_dir()
+        print(f"[cluster] defectforge is not installed on the cluster: shipping {package} to the workers "
+              "(runtime_env py_modules)", flush=True)
+        runtime_env = {"py_modules": [str(package)]}
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, runtime_env=runtime_env)
+
+
+def under_ray_job() -> bool:
+    """True in a driver started by the Ray Jobs API (``ray job submit``), which injects its job config."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # the name ray.init itself looks for
+
+
+def package_dir() -> Path:
+    import defectforge
+
+    return Path(defectforge.__file__).resolve().parent
+
+
+def package_installed() -> bool:
+    """True when defectforge was imported from a site-packages (a regular, non-editable install)."""
+    return any(part in ("site-packages", "dist-packages") for part in package_dir().parts)
 
 
 def outside_placement_group():

@@ -133,7 +133,8 @@ class SweepConfig(_Strict):
     space: str | None = Field(None, description="search-space YAML; default search_spaces/<method>.yaml")
     num_trials: int = Field(4, ge=1)
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's resources hold")
-    objective: str = Field("seg_gain", description="metric, or metric:mode,metric:mode for multi-objective")
+    objective: str | None = Field(None, description="metric, or metric:mode,metric:mode for multi-objective; "
+                                  "default seg_gain (max) when evaluation.segmentation, else kid (min)")
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, ge=1, description="ASHA: training reports before a trial may be stopped")

@@ -77,12 +77,15 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 
 def setup(uri: str | None, run_root: str | os.PathLike[str], experiment: str,
           timeout_s: float = 10.0) -> str:
-    """Point MLflow at the resolved URI, check it, make sure ``experiment`` exists; returns the URI."""
+    """Resolve and check the URI, make sure ``experiment`` exists; returns the URI.
+
+    No global MLflow state is set here: every caller passes the URI on (``MlflowClient(uri)``,
+    ``active(uri)``), so two commands in one process with different run roots stay apart.
+    """
     import mlflow
 
     resolved = tracking_uri(uri, run_root)
     check_reachable(resolved, timeout_s)
-    mlflow.set_tracking_uri(resolved)
     client = mlflow.MlflowClient(resolved)
     if client.get_experiment_by_name(experiment) is None:
         kwargs = {"artifact_location": artifact_location(run_root)} if resolved.startswith("sqlite:") else {}
@@ -91,8 +94,30 @@ def setup(uri: str | None, run_root: str | os.PathLike[str], experiment: str,
         except Exception:  # created concurrently by another process
             if client.get_experiment_by_name(experiment) is None:
                 raise
-    mlflow.set_experiment(experiment)
     return resolved
+
+
+@contextmanager
+def active(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``start_run``, ``log_model``, ``register_model``) pointed at ``uri``
+    for the block, and the previous state restored after it.
+
+    Why: ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``
+    (MLflow 3), which this package reads as the user's override; left set, the URI of one command
+    would silently capture every later command of the process and of its subprocesses.
+    """
+    import mlflow
+
+    env_before, uri_before = os.environ.get(ENV_URI), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(uri_before)
+        if env_before is None:
+            os.environ.pop(ENV_URI, None)
+        else:
+            os.environ[ENV_URI] = env_before
 
 
 def experiment_name(method: str, configured: str | None = None) -> str:
@@ -124,20 +149,25 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 @contextmanager
-def start_run(cfg_dict: Mapping[str, Any] | None, run_name_: str, tags: Mapping[str, str] | None = None,
-              nested: bool = False) -> Iterator[Any]:
-    """An MLflow run with the flattened config as params and defectforge tags."""
+def start_run(uri: str, experiment: str, cfg_dict: Mapping[str, Any] | None, run_name_: str,
+              tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """An MLflow run in ``experiment`` at ``uri`` with the flattened config as params and defectforge
+    tags; MLflow's fluent logging calls inside the block go to it."""
     import mlflow
 
     all_tags = {"defectforge.version": _version()}
     all_tags.update(tags or {})
-    with mlflow.start_run(run_name=run_name_, tags=all_tags, nested=nested) as run:
-        if cfg_dict:
-            params = flatten(cfg_dict)
-            items = list(params.items())
-            for i in range(0, len(items), 100):  # log_params accepts at most 100 per call
-                mlflow.log_params(dict(items[i:i + 100]))
-        yield run
+    with active(uri):
+        exp = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+        if exp is None:
+            raise RuntimeError(f"MLflow experiment {experiment!r} does not exist (tracking.setup() first)")
+        with mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name_, tags=all_tags) as run:
+            if cfg_dict:
+                params = flatten(cfg_dict)
+                items = list(params.items())
+                for i in range(0, len(items), 100):  # log_params accepts at most 100 per call
+                    mlflow.log_params(dict(items[i:i + 100]))
+            yield run
 
 
 def reopen_or_create_run(uri: str, experiment: str, tag_filter: str, run_name_: str, tags: Mapping[str, str],

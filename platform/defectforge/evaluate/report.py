@@ -147,10 +147,10 @@ def log_to_mlflow(cfg_dict: dict[str, Any], summary: dict[str, Any], run_root: s
 
     from defectforge import tracking
 
-    tracking.setup(uri, run_root, experiment, timeout_s)
+    resolved = tracking.setup(uri, run_root, experiment, timeout_s)
     all_tags = {"defectforge.kind": "evaluate", "defectforge.extractor": summary["extractor"]}
     all_tags.update(tags or {})
-    with tracking.start_run(cfg_dict, run_name, tags=all_tags) as run:
+    with tracking.start_run(resolved, experiment, cfg_dict, run_name, tags=all_tags) as run:
         metrics = flat_metrics(summary)
         items = list(metrics.items())
         for i in range(0, len(items), 500):

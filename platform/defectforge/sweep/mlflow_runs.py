@@ -16,10 +16,12 @@ from typing import Any
 import mlflow
 
 from defectforge import tracking
+from defectforge.sweep.objectives import objective_values
 from defectforge.tracking import log_metrics  # noqa: F401  (re-exported for sweep code)
 
 SWEEP_TAG = "defectforge.sweep"
 TRIAL_TAG = "defectforge.trial_id"
+RESULT_TAG = "defectforge.trial_result"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -45,11 +47,36 @@ def child_run(uri: str, experiment: str, sweep_name: str, parent_id: str, trial_
     return run_id
 
 
-def finish(uri: str, run_id: str, error: str | None = None) -> None:
+def finish(uri: str, run_id: str, error: str | None = None, trial_result: dict[str, Any] | None = None) -> None:
+    """End a run FINISHED (or FAILED with ``error`` as a tag). ``trial_result`` (what a trial
+    reports to Tune besides the objectives) is kept as a tag so that ``finished_trial`` can
+    report it again without re-running the trial."""
     client = mlflow.MlflowClient(uri)
     if error:
         client.set_tag(run_id, "defectforge.error", error[:4000])
+    if trial_result is not None:
+        client.set_tag(run_id, RESULT_TAG, json.dumps(trial_result))
     client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+
+
+def finished_trial(uri: str, experiment: str, sweep_name: str, trial_id: str
+                   ) -> tuple[dict[str, float], dict[str, Any]] | None:
+    """(objective values, trial result) of a trial whose child run already FINISHED, else None.
+
+    The objectives come from the evaluation summary the trial logged (``evaluation/summary.json``),
+    the rest from the tag ``finish`` set; both are written before the run is marked FINISHED.
+    """
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                                                    f"tags.`{SWEEP_TAG}` = '{sweep_name}'", max_results=1)
+    if not found or found[0].info.status != "FINISHED" or RESULT_TAG not in found[0].data.tags:
+        return None
+    run = found[0]
+    summary = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/evaluation/summary.json")
+    return objective_values(summary), json.loads(run.data.tags[RESULT_TAG])
 
 
 def register_best(uri: str, run_id: str, generator_dir: str | Path, model_name: str,
@@ -63,14 +90,14 @@ def register_best(uri: str, run_id: str, generator_dir: str | Path, model_name: 
     """
     from defectforge.sweep.pyfunc import GeneratorModel
 
-    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=GeneratorModel(), artifacts={"generator": str(generator_dir)},
-            pip_requirements=["defectforge"],
-        )
-    version = mlflow.register_model(info.model_uri, model_name)
+    with tracking.active(uri):
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=GeneratorModel(), artifacts={"generator": str(generator_dir)},
+                pip_requirements=["defectforge"],
+            )
+        version = mlflow.register_model(info.model_uri, model_name)
     client.set_registered_model_alias(model_name, alias, version.version)
     client.set_model_version_tag(model_name, version.version, "defectforge.run_id", run_id)
     return str(version.version)

@@ -25,6 +25,17 @@ class Objective:
         return a > b if self.mode == "max" else a < b
 
 
+def default_objective(cfg: Any) -> str:
+    """The downstream segmentation gain when the evaluation trains segmenters (the number the
+    product exists for), else KID (unbiased on small sets, unlike FID) to be minimised."""
+    if cfg.evaluation.segmentation:
+        return "seg_gain"
+    from defectforge.evaluate.metrics import metric_name
+
+    extractor = "inception" if cfg.evaluation.feature_extractor == "standard" else cfg.evaluation.feature_extractor
+    return f"{metric_name('kid', extractor)}:min"
+
+
 def parse_objectives(text: str, default_mode: str = "max") -> list[Objective]:
     out = []
     for part in [p.strip() for p in text.split(",") if p.strip()]:
@@ -63,3 +74,20 @@ def best_row(rows: list[dict[str, Any]], objective: Objective) -> dict[str, Any]
     if not valid:
         return None
     return max(valid, key=lambda r: r[objective.metric] if objective.mode == "max" else -r[objective.metric])
+
+
+def objective_values(summary: dict[str, Any]) -> dict[str, float]:
+    """Flat objective names from an evaluation summary.
+
+    ``overall`` metrics by their names (``fid_randfeat``, ``kid_randfeat``, ``lpips_randnet``...),
+    the segmentation numbers by theirs (``seg_gain_pixel_ap``, ``seg_real_pixel_auroc``...), and
+    ``seg_gain``: the pixel-AP gain of real + synthetic over real only, the default objective.
+    """
+    out: dict[str, float] = {}
+    for section in ("overall", "segmentation"):
+        for k, v in (summary.get(section) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v)
+    if "seg_gain_pixel_ap" in out:
+        out["seg_gain"] = out["seg_gain_pixel_ap"]
+    return out

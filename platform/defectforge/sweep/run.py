@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from defectforge.config import ConfigBase, with_overrides
-from defectforge.sweep.objectives import Objective, best_row, parse_objectives, pareto_front
+from defectforge.config import ConfigBase, ConfigError, with_overrides
+from defectforge.sweep.objectives import Objective, best_row, default_objective, parse_objectives, pareto_front
 from defectforge.sweep.runner import StudySpec, run_study
 
 
@@ -40,7 +40,11 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     from defectforge.cluster import ensure_ray
 
     t0 = time.perf_counter()
-    objectives = parse_objectives(cfg.sweep.objective, cfg.sweep.mode)
+    objectives = parse_objectives(cfg.sweep.objective or default_objective(cfg), cfg.sweep.mode)
+    seg = [o.metric for o in objectives if o.metric.startswith("seg_")]
+    if seg and not cfg.evaluation.segmentation:
+        raise ConfigError(f"sweep.objective {seg} needs the downstream segmentation, but evaluation.segmentation "
+                          "is false: set it to true or choose another objective (e.g. kid_randfeat:min)")
     space = load_space(cfg.sweep.space or cfg.method.name)
     if space.method != cfg.method.name:
         raise ValueError(f"search space {space.source} is for method {space.method!r}, not {cfg.method.name!r}")

@@ -33,7 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from defectforge.cluster import outside_placement_group
 from defectforge.config import ConfigBase, config_from_dict
-from defectforge.sweep.objectives import Objective
+from defectforge.sweep.objectives import Objective, objective_values
 
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
@@ -105,6 +105,16 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
     params = {k: v for k, v in config.items() if k in space.parameters}
     cfg = space.apply(config_from_dict(spec.cfg), params)
     trial_id = tune.get_context().get_trial_id()
+    done = mlflow_runs.finished_trial(spec.uri, spec.experiment, spec.name, trial_id)
+    if done is not None:
+        # This trial finished (its MLflow run holds the result) but the driver died before Tune
+        # recorded it, so the restored sweep starts it again: report the recorded result instead
+        # of training and evaluating a second time.
+        objectives, result = done
+        print(f"[sweep] {spec.name}: trial {trial_id} had already finished (MLflow run {result['mlflow_run_id']}); "
+              "reporting its recorded result", flush=True)
+        tune.report({**objectives, **result})
+        return
     run_id = mlflow_runs.child_run(spec.uri, spec.experiment, spec.name, spec.parent_run_id, trial_id,
                                    {**params, "products": ",".join(spec.products)})
     try:
@@ -133,29 +143,13 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
         import mlflow
 
         mlflow.MlflowClient(spec.uri).log_artifacts(run_id, str(checkpoint), "generator")
-        mlflow_runs.finish(spec.uri, run_id)
+        recorded = {"loss": result["metrics"].get("loss", float("nan")), "checkpoint_dir": str(checkpoint),
+                    "mlflow_run_id": run_id}
+        mlflow_runs.finish(spec.uri, run_id, trial_result=recorded)
     except Exception as exc:
         mlflow_runs.finish(spec.uri, run_id, error=f"{type(exc).__name__}: {exc}")
         raise
-    tune.report({**objectives, "loss": result["metrics"].get("loss", float("nan")),
-                 "checkpoint_dir": str(checkpoint), "mlflow_run_id": run_id})
-
-
-def objective_values(summary: dict[str, Any]) -> dict[str, float]:
-    """Flat objective names from an evaluation summary.
-
-    ``overall`` metrics by their names (``fid_randfeat``, ``kid_randfeat``, ``lpips_randnet``...),
-    the segmentation numbers by theirs (``seg_gain_pixel_ap``, ``seg_real_pixel_auroc``...), and
-    ``seg_gain``: the pixel-AP gain of real + synthetic over real only, the default objective.
-    """
-    out: dict[str, float] = {}
-    for section in ("overall", "segmentation"):
-        for k, v in (summary.get(section) or {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[k] = float(v)
-    if "seg_gain_pixel_ap" in out:
-        out["seg_gain"] = out["seg_gain_pixel_ap"]
-    return out
+    tune.report({**objectives, **recorded})
 
 
 def run_study(spec: StudySpec) -> list[dict[str, Any]]:

@@ -135,7 +135,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             module.load_state_dict(resume_state["modules"][name], strict=True)
         start_stage, start_step = resume_state["stage_index"], resume_state["stage_step"]
         global_step = resume_state["global_step"]
-        if rank == 0:
+        if start_stage >= len(stages) and stages:
+            # The latest checkpoint is the final one (the driver died after training, e.g. a sweep
+            # trial killed during its evaluation): nothing is left to train and that checkpoint is
+            # the run's result. Its metrics are reported again so the run's result carries them
+            # (Ray mode keeps the restored checkpoint; local mode needs it reported).
+            if rank == 0:
+                print(f"[{label}] already trained: the latest checkpoint is final (global step {global_step})",
+                      flush=True)
+            final = resume_state.get("metrics") or {"global_step": global_step}
+            ray.train.report(final, checkpoint=checkpoint if rank == 0 and local_root is not None else None)
+        elif rank == 0:
             print(f"[{label}] resumed from checkpoint at stage {stages[start_stage].name!r} "
                   f"step {start_step} (global step {global_step})", flush=True)
 
@@ -215,7 +225,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics = {**last_losses, "loss": last_losses[f"{stage.name}/loss"], "global_step": global_step, "stage": stage.name,
                            "stage_step": step + 1, "epoch_equiv": global_step * tc.batch_size / max(len(rows), 1)}
                 state = {"stage_index": next_stage, "stage_step": next_step, "global_step": global_step,
-                         "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None}
+                         "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
+                         "metrics": metrics}
                 _report(metrics, rank, local_root, global_step, tc.num_to_keep,
                         lambda d: _save(d, gen, None if done else ema, params, state))
         del model
