@@ -173,3 +173,35 @@ def test_dataset_level_errors_exit_2_naming_the_path(tmp_path, synth_root, capsy
     assert str(missing) in capsys.readouterr().err
     assert main(["data", "check", str(synth_root), "--products", "glass"]) == 2
     assert "'glass'" in capsys.readouterr().err
+
+
+def test_training_data_names_every_bad_sample_or_skips_them_when_told(synth_root, tmp_path, capsys):
+    """The generator's loader (train/data.py) follows data.on_bad_sample like ``data check``: one
+    error naming every bad training sample, or those samples left out, counted and listed."""
+    from defectforge.config import resolve_config
+    from defectforge.data.mvtec import DataError, scan_dataset
+    from defectforge.train.data import load_training_data
+
+    from defectforge.data.splits import make_split
+
+    copy = _writable_copy(synth_root, tmp_path / "data")
+    index = scan_dataset(copy)
+    product = index.products[0]
+    base = [f"data.path={copy}", f"data.products=[{product}]"]
+    cfg = resolve_config(method="defect-gen", preset="tiny", overrides=base)
+    train_side = [r for r in make_split(scan_dataset(copy, [product]), cfg.data.split).train if not r.is_good]
+    defective = [r.image_path for r in train_side[:2]]  # two defect images the generator trains on
+    for path in defective:
+        path.write_bytes(path.read_bytes()[:40])  # truncated
+    with pytest.raises(DataError) as err:
+        load_training_data(resolve_config(method="defect-gen", preset="tiny", overrides=base))
+    assert "2 bad sample(s)" in str(err.value)
+    for path in defective:
+        assert str(path) in str(err.value)
+
+    data = load_training_data(resolve_config(method="defect-gen", preset="tiny",
+                                             overrides=[*base, "data.on_bad_sample=skip"]))
+    assert sorted(p for p, _ in data.skipped) == sorted(str(p) for p in defective)
+    assert "[data] skipped 2 bad sample(s)" in capsys.readouterr().out
+    assert len(data.rows) == len([r for r in make_split(scan_dataset(copy, [product]), cfg.data.split).train
+                                  if not r.is_good or cfg.data.train_on_good]) - 2

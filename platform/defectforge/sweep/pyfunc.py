@@ -20,7 +20,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
 
         self.generator = load_generator(context.artifacts["generator"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    # No type hints on predict: MLflow 3 reads them as an input schema and warns about ``Any``; the
+    # input is a table (DataFrame or dict of columns), converted below.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import pandas as pd
 
         from defectforge.methods.base import Conditions

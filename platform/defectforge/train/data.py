@@ -58,7 +58,7 @@ def load_training_data(cfg: ConfigBase, products: list[str] | None = None) -> Tr
     Only the *train* side of the split is loaded: the generator never sees test images.
     Defective images always; defect-free ones too when ``data.train_on_good``.
     """
-    from defectforge.data.mvtec import BadSampleError, DataError, load_sample, scan_dataset
+    from defectforge.data.mvtec import DataError, load_rows, scan_dataset
     from defectforge.data.splits import make_split
 
     root = resolve_data_root(cfg)
@@ -68,14 +68,9 @@ def load_training_data(cfg: ConfigBase, products: list[str] | None = None) -> Tr
     refs = [r for r in manifest.train if r.defect != "good" or cfg.data.train_on_good]
     if not any(r.defect != "good" for r in refs):
         raise DataError(f"{root}: the {cfg.data.split.protocol} split left no defective training images")
-    rows, skipped = [], []
-    for ref in refs:
-        try:
-            rows.append(load_sample(ref, index.classes[ref.product], cfg.data.resolution))
-        except BadSampleError as exc:
-            if cfg.data.on_bad_sample != "skip":
-                raise
-            skipped.append((str(exc.path), exc.reason))
+    # data.on_bad_sample=error: one error listing every bad sample; skip: leave them out, say which.
+    rows, bad = load_rows(index, refs, cfg.data.resolution, cfg.data.on_bad_sample)
+    skipped = [(str(path), reason) for path, reason in bad]
     if skipped:
         print(f"[data] skipped {len(skipped)} bad sample(s) (data.on_bad_sample=skip):", flush=True)
         for path, reason in skipped:
