@@ -23,7 +23,7 @@ import pytest
 from defectforge.config import resolve_config
 
 TINY = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=4", "evaluation.feature_extractor=randfeat",
-        "evaluation.n_per_defect=2", "evaluation.seg_steps=6", "evaluation.seg_seeds=2", "sampling.steps=3"]
+        "evaluation.n_per_defect=2", "evaluation.seg_steps=6", "evaluation.seg_seeds=1", "sampling.steps=3"]
 
 
 def _space(tmp_path: Path, lrs: list[float]) -> Path:

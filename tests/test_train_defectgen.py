@@ -60,8 +60,8 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, synth_root, tmp_pat
     ends with the weights of an uninterrupted run."""
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
-    common = ["--data", str(synth_root), "--product", "fabric", "--no-mlflow", "train.steps=40",
-              "train.checkpoint_every=5", "train.batch_size=4", "train.scaling.num_workers=1", "train.ema_decay=null",
+    common = ["--data", str(synth_root), "--product", "fabric", "--no-mlflow", "train.steps=24",
+              "train.checkpoint_every=4", "train.batch_size=4", "train.scaling.num_workers=1", "train.ema_decay=null",
               "train.log_every=1"]
     cmd = [sys.executable, "-m", "defectforge.cli", "train", "--out", str(tmp_path / "b"), "--name", "r", *common]
     storage = tmp_path / "b" / "ray" / "r"
@@ -77,16 +77,16 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, synth_root, tmp_pat
     proc.wait()
     steps_at_kill = _registered_step(snapshot)
     assert steps_at_kill is not None, "no checkpoint was registered before the kill"
-    assert steps_at_kill < 40, "the run finished before it could be killed; raise train.steps"
+    assert steps_at_kill < 24, "the run finished before it could be killed; raise train.steps"
 
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert "resumed from checkpoint" in log
     resumed_at = int(log.split("resumed from checkpoint at stage 'diffusion' step ")[1].split()[0])
-    assert resumed_at >= steps_at_kill and resumed_at % 5 == 0
-    assert f"step {resumed_at + 1}/40" in log  # continues where the checkpoint left off
-    assert "step 1/40" not in log
+    assert resumed_at >= steps_at_kill and resumed_at % 4 == 0
+    assert f"step {resumed_at + 1}/24" in log  # continues where the checkpoint left off
+    assert "step 1/24" not in log
 
     straight = subprocess.run([sys.executable, "-m", "defectforge.cli", "train", "--out", str(tmp_path / "a"),
                                "--name", "s", *common], env=env, capture_output=True, text=True, timeout=600)
