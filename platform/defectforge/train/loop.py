@@ -185,7 +185,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 losses = model(batch, stage.name)
             loss = losses["loss"]
             if not torch.isfinite(loss):
-                values = {k: float(v) for k, v in losses.items()}
+                values = {k: float(v.detach()) for k, v in losses.items()}
                 raise NonFiniteLossError(
                     f"[{label}] training diverged: non-finite loss at stage {stage.name!r} step {step} "
                     f"(global step {global_step}): {values}. Lower train.lr, enable train.grad_clip, "
