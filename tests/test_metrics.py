@@ -279,6 +279,19 @@ def test_randfeat_is_deterministic_and_named():
         a.features(imgs.astype(np.float32))
 
 
+def test_randfeat_takes_read_only_batches_silently():
+    """Ray Data hands actors read-only arrays: same features as a writable copy, and no warning."""
+    import warnings
+
+    imgs = _images(3, size=48)
+    frozen = imgs.copy()
+    frozen.flags.writeable = False
+    extractor = RandFeatExtractor()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(extractor.features(frozen), extractor.features(imgs))
+
+
 def test_metric_names():
     assert metric_name("fid", "inception") == "fid"
     assert metric_name("fid", RandFeatExtractor()) == "fid_randfeat"

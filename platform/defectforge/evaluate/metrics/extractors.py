@@ -181,7 +181,9 @@ class RandFeatExtractor(FeatureExtractor):
         arr = check_images(images)
         out = []
         for start in range(0, len(arr), self.batch_size):
-            x = torch.from_numpy(arr[start:start + self.batch_size]).to(self.device)
+            # A copy (torch.tensor), not a view: Ray Data hands over read-only arrays, which
+            # torch.from_numpy accepts only with a UserWarning in every evaluation's log.
+            x = torch.tensor(arr[start:start + self.batch_size], device=self.device)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
             f = self._features_t(x)
             out.append((f @ self.head.T if logits else f).cpu().numpy())
