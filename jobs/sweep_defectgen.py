@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--preset", choices=("tiny", "paper"), default=None, help="tiny (default) or paper")
+    p.add_argument("--preset", choices=("tiny", "laptop", "paper"), default=None, help="tiny (tests), laptop (2 CPUs) or paper (GPU)")
     p.add_argument("--config", help="YAML file refining the preset")
     add_sweep_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, applied last")

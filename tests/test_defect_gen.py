@@ -123,7 +123,7 @@ def test_masks_hold_only_the_products_class_ids():
     # product q (one defect type) would get class id 2, which it does not have.
     with torch.no_grad():
         for unet in (gen.unet_large, gen.unet_small):
-            unet.conv_out.bias[3 + 2] = -50.0  # negative noise prediction -> large x0 in that channel
+            unet.conv_out.bias[3 + 2] = 50.0  # x0 prediction (the default): a large x0 in that channel
     out = gen.sample(4, Conditions(["p", "q", "p", "q"], ["scratch", "crack", "good", "crack"]), seed=1,
                      sampler="ddim", steps=5, batch_size=3)
     assert out.images.dtype == np.uint8 and out.images.shape == (4, 64, 64, 3)
@@ -221,8 +221,96 @@ def test_bad_shapes_and_values_name_the_field():
         resolve_config(method="defect-gen", preset="tiny", overrides=["method.large_widths=[8,16]"])
 
 
-def test_paper_preset_values():
-    m = resolve_config(method="defect-gen", preset="paper").method
-    assert (m.num_train_timesteps, m.beta_schedule, m.prediction_type) == (1000, "squaredcos_cap_v2", "epsilon")
+def test_paper_preset_is_the_official_parameterization_and_mask_encoding():
+    """Pinned to the official code (config/large_recep.yml, diffusion/base_diffusion.py):
+    ``parameterization: x0``, cosine schedule, T = 1000; the mask as a one-hot in {0, 1} beside
+    the image in [-1, 1]; decoding by softmax + argmax over the mask channels."""
+    cfg = resolve_config(method="defect-gen", preset="paper")
+    m = cfg.method
+    assert (m.num_train_timesteps, m.beta_schedule, m.prediction_type) == (1000, "squaredcos_cap_v2", "sample")
+    assert m.mask_encoding == "onehot01" and m.large_unshuffle == 1 and not m.grayscale_as_one_channel
     assert m.large_downsamplings == 5 and 256 % 2**m.large_downsamplings == 0
+    gen = build_generator(m, GeneratorContext(products=("p",), classes={"p": ("hole", "scratch")}, resolution=256))
+    sched = gen.noise_scheduler.config
+    assert sched.prediction_type == "sample" and sched.beta_schedule == "squaredcos_cap_v2"
+    # The cosine schedule's last alpha-bar is tiny: why x0 (not epsilon) prediction.
+    assert float(gen.noise_scheduler.alphas_cumprod[-1]) < 1e-6
+    batch = fixed_batch(2, 256 // 4)
+    image = torch.nn.functional.interpolate(batch["image"], size=256)
+    mask = torch.nn.functional.interpolate(batch["mask"][:, None].float(), size=256).long()[:, 0]
+    x0 = gen.encode(image, mask)
+    assert x0.shape == (2, 3 + 3, 256, 256)
+    assert torch.equal(x0[:, :3], image)
+    onehot = x0[:, 3:]
+    assert set(onehot.unique().tolist()) == {0.0, 1.0} and torch.equal(onehot.sum(1), torch.ones(2, 256, 256))
+    assert torch.equal(onehot.argmax(1), mask)
+    # decode: softmax + argmax over the mask channels (the argmax survives the softmax)
+    logits = torch.randn(2, 3, 256, 256)
+    _, masks = gen.decode(torch.cat([torch.zeros(2, 3, 256, 256), logits], 1), ["p", "p"])
+    assert np.array_equal(masks, logits.softmax(1).argmax(1).numpy().astype(np.uint8))
     assert resolve_config(method="defect-gen", preset="tiny", overrides=["method.u=300"]).method.u == 300
+
+
+def test_x0_training_target_is_the_clean_sample_and_mask_ce_is_optional():
+    """prediction_type=sample regresses x0; mask_ce_weight > 0 is the official separate-channel
+    loss: MSE on the image channels plus the weighted cross-entropy of the mask channels."""
+    gen = make("method.num_train_timesteps=50", "method.u=25")
+    batch = fixed_batch()
+    x0 = gen.encode(batch["image"], batch["mask"])
+    seen = {}
+
+    def grab(module, args, kwargs, output):
+        seen["pred"] = output.sample
+
+    gen.unet_large.register_forward_hook(grab, with_kwargs=True)
+    torch.manual_seed(3)
+    losses = gen.training_step(batch, "diffusion")
+    assert torch.allclose(losses["loss_large"], torch.nn.functional.mse_loss(seen["pred"], x0), atol=1e-6)
+    ce_gen = make("method.num_train_timesteps=50", "method.u=25", "method.mask_ce_weight=0.2")
+    ce_gen.unet_large.register_forward_hook(grab, with_kwargs=True)
+    torch.manual_seed(3)
+    out = ce_gen.training_step(batch, "diffusion")
+    pred = seen["pred"]
+    mse = torch.nn.functional.mse_loss(pred[:, :3], x0[:, :3])
+    ce = torch.nn.functional.cross_entropy(pred[:, 3:], batch["mask"])
+    assert torch.allclose(out["loss_large"], mse + 0.2 * ce, atol=1e-5)
+
+
+def test_u_range_limits_each_models_timesteps_and_u():
+    gen = make("method.u_range=[100,500]", "method.u=200")
+    assert gen.timestep_ranges() == {"large": (100, 1000), "small": (0, 500)}
+    seen = {"unet_large": [], "unet_small": []}
+    for name in seen:
+        getattr(gen, name).register_forward_pre_hook(
+            lambda m, a, k, name=name: seen[name].extend(a[1].tolist()), with_kwargs=True)
+    for i in range(20):
+        torch.manual_seed(i)
+        gen.training_step(fixed_batch(), "diffusion")
+    assert min(seen["unet_large"]) >= 100 and max(seen["unet_small"]) < 500
+    with pytest.raises(ConfigError, match=r"method\.u=600 is outside method\.u_range"):
+        resolve_config(method="defect-gen", preset="tiny", overrides=["method.u_range=[100,500]", "method.u=600"])
+
+
+def test_grayscale_data_is_one_image_channel_and_comes_back_as_three():
+    ctx = GeneratorContext(products=("p",), classes={"p": ("hole", "scratch")}, resolution=64, image_channels=1)
+    gen = make(context=ctx)
+    assert gen.image_channels == 1 and gen.unet_small.config.in_channels == 1 + 3
+    batch = fixed_batch()
+    batch["image"] = batch["image"][:, :1].expand(-1, 3, -1, -1).contiguous()
+    assert torch.isfinite(gen.training_step(batch, "diffusion")["loss"])
+    out = gen.sample(2, Conditions(["p", "p"], ["hole", "scratch"]), seed=0, steps=3)
+    assert out.images.shape == (2, 64, 64, 3)
+    assert (out.images[..., 0] == out.images[..., 1]).all() and (out.images[..., 0] == out.images[..., 2]).all()
+    assert make("method.grayscale_as_one_channel=false", context=ctx).image_channels == 3
+
+
+def test_pixel_unshuffle_is_exact_and_shapes_the_large_model():
+    gen = make("method.large_unshuffle=2", "method.large_downsamplings=5")
+    inner = gen.unet_large.unet
+    assert inner.config.sample_size == 32 and inner.config.in_channels == (3 + 3) * 4
+    x = torch.randn(2, 6, 64, 64)
+    z = torch.nn.functional.pixel_unshuffle(x, 2)
+    assert torch.equal(torch.nn.functional.pixel_shuffle(z, 2), x)
+    out = gen.unet_large(x, torch.tensor([5, 900]), class_labels=gen.embed_large(
+        torch.zeros(2, dtype=torch.long), torch.tensor([1, 2]))).sample
+    assert out.shape == x.shape

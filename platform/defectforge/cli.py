@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 def _config_args(p: argparse.ArgumentParser, method_default: str | None = "defect-gen") -> None:
     p.add_argument("--method", default=method_default, help="generator to use (default: %(default)s)")
-    p.add_argument("--preset", choices=("tiny", "paper"), default=None,
-                   help="tiny = CPU-sized (default); paper = the papers' settings")
+    p.add_argument("--preset", choices=("tiny", "laptop", "paper"), default=None,
+                   help="tiny = seconds-scale test sizes (default); laptop = meaningful output on 2 CPUs "
+                        "in minutes; paper = the papers' settings (GPU)")
     p.add_argument("--config", metavar="FILE", help="YAML file refining the preset")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides applied last, e.g. train.steps=500 method.u=300")

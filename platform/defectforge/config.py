@@ -3,7 +3,7 @@
 Why one module: every command and job resolves its configuration the same way, in this order,
 each layer refining the one before::
 
-    defaults  ->  preset (tiny | paper)  ->  YAML file  ->  dotted overrides  ->  validation
+    defaults  ->  preset (tiny | laptop | paper)  ->  YAML file  ->  dotted overrides  ->  validation
 
 Validation happens before any Ray or model work, so a bad value fails in a second or two with the
 field's dotted path (and the file it came from) in the message.
@@ -23,7 +23,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-PRESETS = ("tiny", "paper")
+# tiny: seconds-scale tests (wiring, not quality); laptop: meaningful output on 2 CPUs within
+# minutes; paper: the papers' sizes, for GPUs.
+PRESETS = ("tiny", "laptop", "paper")
 
 
 class ConfigError(ValueError):
@@ -86,6 +88,7 @@ class TrainConfig(_Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up over each stage's first steps")
     weight_decay: float = Field(0.0, ge=0)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     grad_clip: float | None = Field(1.0, gt=0)
@@ -100,6 +103,9 @@ class TrainConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
+    """How a trained generator samples. Every field is sampling-time: it never shapes the trained
+    weights, so sweep trials that differ only here reuse one trained generator (train/reuse.py)."""
+
     n: int = Field(16, ge=1)
     batch_size: int = Field(8, ge=1)
     sampler: Literal["ddpm", "ddim"] = "ddim"
@@ -157,7 +163,7 @@ class MethodConfigBase(_Strict):
 
 
 class ConfigBase(_Strict):
-    preset: Literal["tiny", "paper"] = "tiny"
+    preset: Literal["tiny", "laptop", "paper"] = "tiny"
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     sampling: SamplingConfig = SamplingConfig()
@@ -177,6 +183,13 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
                   "ema_decay": 0.99},
         "sampling": {"sampler": "ddim", "steps": 20, "n": 16, "batch_size": 16},
         "evaluation": {"n_per_defect": 8, "seg_steps": 200, "seg_seeds": 2},
+    },
+    "laptop": {
+        "data": {"resolution": 64},
+        "train": {"steps": 1500, "batch_size": 8, "lr": 1e-3, "warmup_steps": 100, "checkpoint_every": 500,
+                  "log_every": 50, "ema_decay": 0.995},
+        "sampling": {"sampler": "ddim", "steps": 25, "n": 16, "batch_size": 32},
+        "evaluation": {"n_per_defect": 16, "seg_steps": 200, "seg_seeds": 2},
     },
     "paper": {
         "data": {"resolution": 256},

@@ -46,11 +46,15 @@ class GeneratorContext:
 
     ``classes[product]`` is the product's defect types in class-id order: mask value i (1-based)
     is ``classes[product][i - 1]``; 0 is background. ``products`` fixes the product-id order.
+    ``image_channels`` is 1 when every training image is grayscale (stored as three equal
+    channels, DESIGN.md's sample contract) and 3 otherwise: a method may model grayscale data as
+    one channel instead of spending capacity on keeping three copies equal.
     """
 
     products: tuple[str, ...]
     classes: dict[str, tuple[str, ...]]
     resolution: int
+    image_channels: int = 3
 
     @property
     def all_defects(self) -> tuple[str, ...]:
@@ -70,13 +74,13 @@ class GeneratorContext:
 
     def to_json(self) -> dict[str, Any]:
         return {"products": list(self.products), "classes": {k: list(v) for k, v in self.classes.items()},
-                "resolution": self.resolution}
+                "resolution": self.resolution, "image_channels": self.image_channels}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GeneratorContext:
         return cls(products=tuple(data["products"]),
                    classes={k: tuple(v) for k, v in data["classes"].items()},
-                   resolution=int(data["resolution"]))
+                   resolution=int(data["resolution"]), image_channels=int(data.get("image_channels", 3)))
 
 
 @dataclass(frozen=True)

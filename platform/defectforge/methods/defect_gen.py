@@ -3,9 +3,17 @@
 The mechanism, and why:
 
 * **Joint image + mask diffusion.** The diffused variable is ``x = image ⊕ one_hot(mask)``:
-  3 + (K + 1) channels, the image in [-1, 1] and the one-hot scaled to [-1, 1] as well
-  (K = ``context.max_classes``). Generating the mask with the image keeps the pair consistent
-  without a separate mask model; the mask is read back as the argmax over the K + 1 channels.
+  C + (K + 1) channels, the image in [-1, 1] and the one-hot mask in {0, 1} as the official code
+  has it (``mask_encoding="onehot01"``; ``"signed"`` scales it to ±1). K = ``context.max_classes``;
+  C = 1 for grayscale data (``context.image_channels``), else 3. Generating the mask with the image
+  keeps the pair consistent without a separate mask model; the mask is read back by softmax +
+  argmax over the K + 1 channels (the argmax of the softmax is the argmax of the channels).
+* **x0 prediction** (``prediction_type="sample"``, the official ``parameterization: x0``) on the
+  cosine schedule. With ε-prediction an x̂0 at the first sampling step is (x_t - √(1-ᾱ)ε̂)/√ᾱ with
+  ᾱ ≈ 2e-9 at t = T-1: every error of ε̂ is amplified ~10⁴× (DESIGN.md, "Diffusion facts"), which
+  an under-trained CPU model turns into pure noise. ε and v stay options.
+* **Optional mask cross-entropy** (``mask_ce_weight``; the official ``seperate_channel_loss``
+  uses 0.2): the image channels keep the MSE, the mask channels of x̂0 are trained as class logits.
 * **Two UNets, one trajectory.** Few-shot defect data (tens of images) is easy to memorise. A
   large-receptive-field UNet (deep, attention at low resolution, mid block) denoises the early,
   high-noise steps ``t >= u`` where global layout is decided; a small-receptive-field UNet (2/3/6
@@ -14,9 +22,13 @@ The mechanism, and why:
   which adds diversity where the large model would copy. Sampling is *one* reverse trajectory
   ``T-1 -> u`` (large) then ``u-1 -> 0`` (small); the official code restarts the time range at
   the switch instead, which we deliberately do not copy.
-* **Both models train on all timesteps.** The switch ``u`` is therefore a sampling-time choice:
-  ``load_generator(..., method_overrides={"u": ...})`` (``generate --u``) and sweeps may change it
-  without retraining.
+* **Each UNet trains on the timesteps it may serve.** ``u_range = [lo, hi]`` is the range the
+  switch may take at sampling time: the large model trains on ``t >= lo``, the small one on
+  ``t < hi``. Inside that range ``u`` is a sampling-time choice (``generate``, sweeps) that needs no
+  retraining; outside it the config is rejected. ``u_range: null`` trains both on all timesteps.
+* **Pixel-unshuffle for the large model** (``large_unshuffle``): an exact, parameter-free fold of
+  f×f pixel blocks into channels, so the global model works at 1/f resolution with f² times the
+  channels per pixel: on a CPU the width goes where compute is cheap (``nn.unets.UnshuffledUNet``).
 * **Conditioning.** A learned product embedding plus a learned defect-type embedding (class id,
   0 = good) is added to each UNet's time embedding (``class_embed_type="identity"``). With one
   product this is the per-product model; with several, the multi-product model.
@@ -41,6 +53,7 @@ from defectforge.methods.registry import register
 from defectforge.nn.unets import (
     RECEPTIVE_FIELDS,
     LabelEmbedding,
+    UnshuffledUNet,
     build_large_unet,
     build_patch_unet,
     time_embed_dim,
@@ -50,14 +63,31 @@ STAGE = "diffusion"
 
 
 class DefectGenConfig(MethodConfigBase):
-    """Defect-Gen's knobs. Defaults are the paper preset (256 px); ``tiny`` shrinks the widths."""
+    """Defect-Gen's knobs. Defaults are the paper preset (256 px); ``tiny`` and ``laptop`` shrink it.
+
+    Fields marked ``sampling_time`` (``u``) may change after training without retraining (inside
+    ``u_range``); every other field shapes the trained weights.
+    """
 
     name: Literal["defect-gen"] = "defect-gen"
-    u: int = Field(200, ge=1, description="switch timestep: t >= u large model, t < u small model")
+    u: int = Field(200, ge=1, description="switch timestep: t >= u large model, t < u small model",
+                   json_schema_extra={"sampling_time": True})
+    u_range: tuple[int, int] | None = Field(
+        None, description="[lo, hi]: u may be chosen in lo..hi at sampling time; the large model trains on "
+                          "t >= lo, the small one on t < hi. null = both train on all timesteps")
     num_train_timesteps: int = Field(1000, ge=2, description="T, diffusion steps")
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
         "squaredcos_cap_v2", description="squaredcos_cap_v2 = the cosine schedule of the paper")
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "sample", description="sample = x0 prediction (the official parameterization)")
+    mask_encoding: Literal["onehot01", "signed"] = Field(
+        "onehot01", description="one-hot mask channels in {0, 1} (official) or scaled to {-1, 1}")
+    mask_ce_weight: float = Field(0.0, ge=0, description="weight of a cross-entropy loss on the mask channels "
+                                  "of x0-hat (official separate_channel_loss: 0.2); 0 = MSE on all channels")
+    grayscale_as_one_channel: bool = Field(
+        True, description="model grayscale data (context.image_channels = 1) as one image channel")
+    large_unshuffle: Literal[1, 2, 4] = Field(
+        1, description="large model works at resolution / f on f*f times the channels (exact pixel-unshuffle)")
     receptive_field: Literal["small", "medium", "large"] = Field(
         "small", description="small model: 2 / 3 / 6 downsamplings (paper Table 12)")
     large_downsamplings: int = Field(5, ge=1, le=8)
@@ -72,9 +102,18 @@ class DefectGenConfig(MethodConfigBase):
 
     @model_validator(mode="after")
     def _check(self) -> DefectGenConfig:
-        if not 0 < self.u < self.num_train_timesteps:
-            raise ValueError(f"method.u={self.u} must satisfy 0 < u < method.num_train_timesteps="
-                             f"{self.num_train_timesteps}")
+        T = self.num_train_timesteps
+        if not 0 < self.u < T:
+            raise ValueError(f"method.u={self.u} must satisfy 0 < u < method.num_train_timesteps={T}")
+        if self.u_range is not None:
+            lo, hi = self.u_range
+            if not 0 < lo <= hi < T:
+                raise ValueError(f"method.u_range={list(self.u_range)} must satisfy 0 < lo <= hi < "
+                                 f"method.num_train_timesteps={T}")
+            if not lo <= self.u <= hi:
+                raise ValueError(f"method.u={self.u} is outside method.u_range={list(self.u_range)}, the range "
+                                 "this model's two UNets were trained for; choose u inside it or retrain "
+                                 "with a wider method.u_range")
         need = self.large_downsamplings + 1
         if len(self.large_widths) < need:
             raise ValueError(f"method.large_widths has {len(self.large_widths)} entries; "
@@ -88,19 +127,36 @@ class DefectGenConfig(MethodConfigBase):
     @classmethod
     def preset(cls, name: str) -> dict[str, Any]:
         if name == "tiny":
-            # 64 px, 6 downsamplings down to 1x1; a few training steps/s at batch 8 on CPU.
-            # The full-resolution level dominates CPU time, hence its 8 channels.
+            # 64 px, seconds-scale tests: the smallest widths that still run every code path.
             return {"large_downsamplings": 6, "large_widths": [8, 16, 32, 32, 64, 64, 64],
                     "small_widths": [8, 16, 32, 32, 32, 32, 32], "layers_per_block": 1,
                     "attention_resolution": 8, "attention_head_dim": 16, "norm_num_groups": 4,
                     "num_train_timesteps": 1000, "u": 200, "receptive_field": "small"}
+        if name == "laptop":
+            # 64 px on 2 CPUs; chosen by measurement (README, "Defect-Gen laptop preset").
+            return dict(LAPTOP)
         if name == "paper":
+            # The official configuration (config/large_recep.yml, small_recep.yml): x0 prediction,
+            # cosine schedule, T = 1000, one-hot mask in {0, 1}.
             return {"large_downsamplings": 5, "large_widths": [128, 128, 256, 256, 512, 512],
                     "small_widths": [128, 128, 256, 256, 256, 256, 256], "layers_per_block": 2,
                     "attention_resolution": 32, "attention_head_dim": 64, "norm_num_groups": 32,
                     "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-                    "prediction_type": "epsilon", "u": 200, "receptive_field": "small"}
+                    "prediction_type": "sample", "mask_encoding": "onehot01", "mask_ce_weight": 0.0,
+                    "grayscale_as_one_channel": False, "large_unshuffle": 1,
+                    "u": 200, "receptive_field": "small"}
         return {}
+
+
+# The laptop preset's method part (see DefectGenConfig.preset); module-level so the README table
+# and the tests name one source.
+LAPTOP: dict[str, Any] = {
+    "large_downsamplings": 4, "large_unshuffle": 2, "large_widths": [64, 96, 128, 128, 128],
+    "small_widths": [32, 48, 64, 64, 64, 64, 64], "layers_per_block": 1,
+    "attention_resolution": 8, "attention_head_dim": 32, "norm_num_groups": 16,
+    "num_train_timesteps": 1000, "prediction_type": "sample", "mask_encoding": "onehot01",
+    "u": 200, "u_range": [100, 500], "receptive_field": "small",
+}
 
 
 @register
@@ -116,13 +172,19 @@ class DefectGen(Generator):
     def __init__(self, config: DefectGenConfig, context: GeneratorContext) -> None:
         super().__init__(config, context)
         self.num_mask_channels = context.max_classes + 1
-        channels = 3 + self.num_mask_channels
+        one = config.grayscale_as_one_channel and context.image_channels == 1
+        self.image_channels = 1 if one else 3
+        channels = self.image_channels + self.num_mask_channels
         res = context.resolution
-        self.unet_large = build_large_unet(
-            resolution=res, channels=channels, widths=config.large_widths,
+        f = config.large_unshuffle
+        if res % f:
+            raise ValueError(f"method.large_unshuffle={f} needs data.resolution divisible by {f}, got {res}")
+        large = build_large_unet(
+            resolution=res // f, channels=channels * f * f, widths=config.large_widths,
             downsamplings=config.large_downsamplings, layers_per_block=config.layers_per_block,
             attention_resolution=config.attention_resolution, attention_head_dim=config.attention_head_dim,
             norm_num_groups=config.norm_num_groups)
+        self.unet_large = UnshuffledUNet(large, f) if f > 1 else large
         self.unet_small = build_patch_unet(
             resolution=res, channels=channels, widths=config.small_widths,
             receptive_field=config.receptive_field, layers_per_block=config.layers_per_block,
@@ -140,20 +202,51 @@ class DefectGen(Generator):
                 "embed_large": self.embed_large, "embed_small": self.embed_small}
 
     def stages(self) -> list[Stage]:
-        """One stage: both models train jointly, each on all timesteps (``u`` stays free at sampling)."""
+        """One stage: both models train jointly, each on the timesteps it may serve (``u_range``)."""
         return [Stage(STAGE, tuple(self.trainable_modules()))]
 
+    def timestep_ranges(self) -> dict[str, tuple[int, int]]:
+        """Half-open training ranges [lo, hi) of each UNet: large t >= u_range[0], small t < u_range[1]."""
+        T = self.config.num_train_timesteps
+        if self.config.u_range is None:
+            return {"large": (0, T), "small": (0, T)}
+        lo, hi = self.config.u_range
+        return {"large": (lo, T), "small": (0, hi)}
+
     def encode(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``image`` B,3,H,W in [-1, 1] and ``mask`` B,H,W class ids -> x0 B,3+K+1,H,W in [-1, 1]."""
+        """``image`` B,3,H,W in [-1, 1] and ``mask`` B,H,W class ids -> x0 B,C+K+1,H,W.
+
+        C = ``self.image_channels`` (grayscale: the mean of the three equal channels). The mask
+        channels are the one-hot in {0, 1} (``onehot01``) or in {-1, 1} (``signed``).
+        """
         k = self.num_mask_channels - 1
         if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) > k):
             raise ValueError(f"batch['mask'] holds class ids {int(mask.min())}..{int(mask.max())}; "
                              f"this generator knows 0..{k}")
+        if self.image_channels == 1:
+            image = image.mean(dim=1, keepdim=True)
         onehot = F.one_hot(mask.long(), self.num_mask_channels).permute(0, 3, 1, 2).to(image.dtype)
-        return torch.cat([image, onehot * 2 - 1], dim=1)
+        if self.config.mask_encoding == "signed":
+            onehot = onehot * 2 - 1
+        return torch.cat([image, onehot], dim=1)
+
+    def x0_from_prediction(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x̂0 from the model output under the configured parameterization."""
+        kind = self.config.prediction_type
+        if kind == "sample":
+            return pred
+        ab = self.noise_scheduler.alphas_cumprod.to(xt.device)[t].to(xt.dtype).view(-1, 1, 1, 1)
+        if kind == "epsilon":
+            return (xt - (1 - ab).sqrt() * pred) / ab.sqrt()
+        return ab.sqrt() * xt - (1 - ab).sqrt() * pred  # v-prediction
 
     def training_step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
-        """Noise-prediction MSE for each model on its own random timesteps; ``loss`` is their sum."""
+        """Each model's diffusion loss on its own timesteps (``timestep_ranges``); ``loss`` is their sum.
+
+        ``mask_ce_weight`` = 0: MSE between the model output and its target on every channel.
+        > 0 (the official ``seperate_channel_loss``): MSE on the image channels only, plus
+        ``mask_ce_weight`` × cross-entropy of x̂0's mask channels (as class logits) against the mask.
+        """
         if stage != STAGE:
             raise ValueError(f"defect-gen has one stage {STAGE!r}, not {stage!r}")
         image, mask = batch["image"], batch["mask"]
@@ -164,20 +257,27 @@ class DefectGen(Generator):
         x0 = self.encode(image, mask)
         product, defect = batch["product"].long(), batch["defect"].long()
         sched = self.noise_scheduler
+        ranges = self.timestep_ranges()
+        c, w_ce = self.image_channels, self.config.mask_ce_weight
         losses: dict[str, torch.Tensor] = {}
         for name, unet, embed in (("large", self.unet_large, self.embed_large),
                                   ("small", self.unet_small, self.embed_small)):
+            lo, hi = ranges[name]
             noise = torch.randn_like(x0)
-            t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            t = torch.randint(lo, hi, (x0.shape[0],), device=x0.device)
             xt = sched.add_noise(x0, noise, t)
-            pred = unet(xt, t, class_labels=embed(product, defect)).sample
-            if sched.config.prediction_type == "epsilon":
-                target = noise
-            elif sched.config.prediction_type == "v_prediction":
-                target = sched.get_velocity(x0, noise, t)
+            pred = unet(xt, t, class_labels=embed(product, defect)).sample.float()
+            kind = sched.config.prediction_type
+            target = (noise if kind == "epsilon" else
+                      sched.get_velocity(x0, noise, t) if kind == "v_prediction" else x0).float()
+            if w_ce > 0:
+                x0_hat = self.x0_from_prediction(pred, xt.float(), t)
+                ce = F.cross_entropy(x0_hat[:, c:], mask.long())
+                losses[f"mse_{name}"] = F.mse_loss(pred[:, :c], target[:, :c])
+                losses[f"ce_{name}"] = ce
+                losses[f"loss_{name}"] = losses[f"mse_{name}"] + w_ce * ce
             else:
-                target = x0
-            losses[f"loss_{name}"] = F.mse_loss(pred.float(), target.float())
+                losses[f"loss_{name}"] = F.mse_loss(pred, target)
         losses["loss"] = losses["loss_large"] + losses["loss_small"]
         return losses
 
@@ -229,7 +329,7 @@ class DefectGen(Generator):
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         chunks = [self._sample_chunk(product[i:i + batch_size], defect[i:i + batch_size], sampler, steps, gen)
                   for i in range(0, n, batch_size)]
-        x = torch.cat(chunks) if chunks else torch.zeros(0, 3 + self.num_mask_channels,
+        x = torch.cat(chunks) if chunks else torch.zeros(0, self.image_channels + self.num_mask_channels,
                                                          self.context.resolution, self.context.resolution)
         images, masks = self.decode(x, conditions.product)
         return GeneratedBatch(images=images, masks=masks, product=list(conditions.product),
@@ -240,7 +340,7 @@ class DefectGen(Generator):
                       steps: int | None, gen: torch.Generator) -> torch.Tensor:
         sched = self.make_scheduler(sampler, steps)
         res = self.context.resolution
-        x = torch.randn((len(product), 3 + self.num_mask_channels, res, res), generator=gen,
+        x = torch.randn((len(product), self.image_channels + self.num_mask_channels, res, res), generator=gen,
                         device=self.device, dtype=next(self.unet_large.parameters()).dtype)
         emb_large, emb_small = self.embed_large(product, defect), self.embed_small(product, defect)
         u = self.config.u
@@ -253,14 +353,18 @@ class DefectGen(Generator):
         return x
 
     def decode(self, x: torch.Tensor, products: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """x B,3+K+1,H,W -> (images B,H,W,3 uint8, masks B,H,W uint8 class ids).
+        """x B,C+K+1,H,W -> (images B,H,W,3 uint8, masks B,H,W uint8 class ids).
 
-        The mask is the argmax over the product's *valid* channels 0..len(classes[product]) only:
-        in multi-product mode K is the largest class count, and a product with fewer defect types
-        must never receive an id it does not have.
+        The mask is the softmax + argmax (= the argmax) over the product's *valid* channels
+        0..len(classes[product]) only: in multi-product mode K is the largest class count, and a
+        product with fewer defect types must never receive an id it does not have. A one-channel
+        (grayscale) image is repeated to three channels, the sample contract.
         """
-        images = ((x[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-        logits = x[:, 3:].float().clone()
+        c = self.image_channels
+        images = ((x[:, :c].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        if c == 1:
+            images = images.expand(-1, -1, -1, 3)
+        logits = x[:, c:].float().clone()
         for i, p in enumerate(products):
             logits[i, len(self.context.classes[p]) + 1:] = -torch.inf
         masks = logits.argmax(dim=1).to(torch.uint8)

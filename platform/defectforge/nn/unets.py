@@ -120,3 +120,34 @@ class LabelEmbedding(nn.Module):
 
     def forward(self, product: torch.Tensor, defect: torch.Tensor) -> torch.Tensor:
         return self.product(product) + self.defect(defect)
+
+
+class UnshuffledUNet(nn.Module):
+    """A UNet that works at ``1/factor`` of the input resolution through an exact pixel-unshuffle.
+
+    Why: on a CPU the full-resolution levels of a UNet cost most of its time while a wide first
+    level is what gives it capacity. ``F.pixel_unshuffle`` folds each ``factor x factor`` block of
+    pixels into channels (no parameters, nothing blurred, exactly inverted by ``pixel_shuffle``),
+    so the same compute buys ``factor**2`` times the channels per pixel. The large, global model
+    of Defect-Gen decides layout at high noise, where fine pixel detail is not yet there, which is
+    where this trade is cheapest. Called like ``UNet2DModel``: ``model(x, t, class_labels=...)``
+    returns an object with ``.sample``.
+    """
+
+    def __init__(self, unet: UNet2DModel, factor: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self.factor = int(factor)
+
+    @property
+    def time_embedding(self) -> nn.Module:
+        return self.unet.time_embedding
+
+    def forward(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        if self.factor == 1:
+            return self.unet(x, t, class_labels=class_labels)
+        z = torch.nn.functional.pixel_unshuffle(x, self.factor)
+        out = self.unet(z, t, class_labels=class_labels).sample
+        return UNet2DOutput(sample=torch.nn.functional.pixel_shuffle(out, self.factor))

@@ -34,6 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 from defectforge.cluster import outside_placement_group
 from defectforge.config import ConfigBase, config_from_dict
 from defectforge.sweep.objectives import Objective, objective_values
+from defectforge.train import reuse
 
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
@@ -119,12 +120,31 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
                                    {**params, "products": ",".join(spec.products)})
     try:
         data = load_training_data(cfg, spec.products)
-        result = fit_generator(cfg.to_dict(), data.context.to_json(), data.rows, f"{spec.name}-{trial_id}",
-                               str(Path(spec.storage) / "train"), {"uri": spec.uri, "run_id": run_id},
-                               callbacks=[TuneReportCallback()])
-        if result["error"]:
-            raise RuntimeError(f"training failed: {result['error']}")
-        checkpoint = Path(result["checkpoint"]) / "generator"
+        # Train once, sweep many: trials whose training-relevant config is equal share one Train
+        # run (named by its hash); only sampling-time fields differ between them (train/reuse.py).
+        train_name = reuse.run_name(spec.name, cfg)
+
+        def train() -> dict[str, Any]:
+            result = fit_generator(cfg.to_dict(), data.context.to_json(), data.rows, train_name,
+                                   str(Path(spec.storage) / "train"), {"uri": spec.uri, "run_id": run_id},
+                                   callbacks=[TuneReportCallback()])
+            if result["error"]:
+                raise RuntimeError(f"training failed: {result['error']}")
+            return {"checkpoint": str(result["checkpoint"]), "loss": result["metrics"].get("loss", float("nan")),
+                    "trained_by": trial_id, "trained_by_run": run_id}
+
+        record, trained_here = reuse.train_once(
+            reuse.registry_handle(spec.name), reuse.training_key(cfg), trial_id,
+            Path(spec.storage) / "train-once" / train_name, train,
+            log=lambda msg: print(f"[sweep] {msg}", flush=True))
+        import mlflow
+
+        mlflow.MlflowClient(spec.uri).set_tags(run_id, {
+            "defectforge.train_run": train_name, "defectforge.train_key": reuse.training_key(cfg),
+            "defectforge.trained_here": str(trained_here).lower(),
+            "defectforge.trained_by_run": record.get("trained_by_run", "")})
+        result = {"metrics": {"loss": record.get("loss", float("nan"))}}
+        checkpoint = Path(record["checkpoint"]) / "generator"
         # The evaluation drives Ray Data and Ray tasks that need whole CPUs; run it as a task outside
         # the trial's tiny placement group, which would otherwise capture (and starve) all of them.
         import ray
@@ -189,6 +209,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
                                       verbose=1),
         )
     grid = tuner.fit()
+    reuse.drop_registry(spec.name)
     rows = []
     for res in grid:
         row = {"trial_id": res.metrics.get("trial_id") if res.metrics else None, "products": spec.products,

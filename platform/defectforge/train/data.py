@@ -46,10 +46,10 @@ class TrainingData:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def for_products(self, products: list[str]) -> TrainingData:
+        rows = [r for r in self.rows if r["product"] in products]
         ctx = GeneratorContext(tuple(products), {p: self.context.classes[p] for p in products},
-                               self.context.resolution)
-        return TrainingData(self.root, ctx, [r for r in self.rows if r["product"] in products],
-                            self.manifest, self.skipped)
+                               self.context.resolution, image_channels(rows))
+        return TrainingData(self.root, ctx, rows, self.manifest, self.skipped)
 
 
 def load_training_data(cfg: ConfigBase, products: list[str] | None = None) -> TrainingData:
@@ -76,8 +76,17 @@ def load_training_data(cfg: ConfigBase, products: list[str] | None = None) -> Tr
         for path, reason in skipped:
             print(f"  {path}: {reason}", flush=True)
     context = GeneratorContext(tuple(index.products), {p: tuple(index.classes[p]) for p in index.products},
-                               cfg.data.resolution)
+                               cfg.data.resolution, image_channels(rows))
     return TrainingData(root, context, rows, manifest.to_json(), skipped)
+
+
+def image_channels(rows: list[dict[str, Any]]) -> int:
+    """1 when every row's image has three equal channels (a grayscale source), else 3."""
+    if not rows:
+        return 3
+    gray = all(np.array_equal(r["image"][..., 0], r["image"][..., 1]) and
+               np.array_equal(r["image"][..., 0], r["image"][..., 2]) for r in rows)
+    return 1 if gray else 3
 
 
 def rows_to_tensors(rows: list[dict[str, Any]], context: GeneratorContext) -> dict[str, torch.Tensor]:

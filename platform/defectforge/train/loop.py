@@ -191,6 +191,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"(global step {global_step}): {values}. Lower train.lr, enable train.grad_clip, "
                     "or check the data."
                 )
+            if tc.warmup_steps:
+                # A pure function of the stage step, so a resumed run gets the same rate.
+                for group in optimizer.param_groups:
+                    group["lr"] = tc.lr * min(1.0, (step + 1) / tc.warmup_steps)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if tc.grad_clip:
