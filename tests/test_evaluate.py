@@ -15,6 +15,9 @@ from defectforge.config import resolve_config
 from defectforge.evaluate.metrics import GaussianStats, MissingWeightsError, fid_from_stats
 
 SEG_METRICS = ("pixel_auroc", "pixel_ap")
+QUALITY_KEYS = ("mask_area_ratio", "mask_empty_rate", "visibility_contrast", "visibility_contrast_real",
+                "visibility_contrast_ratio", "visibility_hf", "visibility_hf_real", "visibility_hf_ratio",
+                "nn_gray_mad_generated", "nn_gray_mad_real_test", "memorisation_ratio")
 
 
 def _cfg(synth_root, tmp_path, *overrides, method="crop-paste"):
@@ -107,6 +110,16 @@ def _check_summary(summary, products):
             assert math.isfinite(m[key]), (p, key, m.get(key))
         assert m["fid_randfeat"] >= 0 and m["lpips_randnet"] > 0
         assert set(block["defects"]) and all(math.isfinite(d["fid_randfeat"]) for d in block["defects"].values())
+        # defect quality, per defect type and as the product's mean over its types
+        for d, dm in block["defects"].items():
+            for key in QUALITY_KEYS:
+                assert math.isfinite(dm[key]), (p, d, key, dm.get(key))
+            assert dm["mask_area_ratio"] > 0 and 0 <= dm["mask_empty_rate"] <= 1
+            assert dm["visibility_contrast_ratio"] == pytest.approx(
+                dm["visibility_contrast"] / dm["visibility_contrast_real"])
+            assert dm["memorisation_ratio"] == pytest.approx(dm["nn_gray_mad_generated"] / dm["nn_gray_mad_real_test"])
+        for key in QUALITY_KEYS:
+            assert m[key] == pytest.approx(np.mean([dm[key] for dm in block["defects"].values()])), (p, key)
         seg = block["segmentation"]
         assert seg["seeds"] == [0, 1]
         for metric in SEG_METRICS:
@@ -116,6 +129,8 @@ def _check_summary(summary, products):
             assert gain["mean"] == pytest.approx(seg["real+synthetic"][metric]["mean"] - seg["real"][metric]["mean"])
             assert math.isfinite(gain["std"])
     assert "seg_gain_pixel_auroc" in summary["segmentation"] and "seg_gain_pixel_auroc_std" in summary["segmentation"]
+    for key in QUALITY_KEYS:
+        assert math.isfinite(summary["overall"][key]), key
 
 
 def test_evaluate_crop_paste_checkpoint_end_to_end(crop_paste_checkpoint, synth_root, tmp_path):
@@ -149,7 +164,9 @@ def test_evaluate_crop_paste_checkpoint_end_to_end(crop_paste_checkpoint, synth_
     assert len(runs) == 1 and runs.iloc[0]["run_id"] == summary["mlflow_run_id"]
     row = runs.iloc[0]
     for key in ("fabric/fid_randfeat", "metal/kid_randfeat", "fabric/lpips_randnet",
-                "fabric/seg_real_pixel_auroc", "fabric/seg_gain_pixel_ap_std", "seg_gain_pixel_auroc"):
+                "fabric/seg_real_pixel_auroc", "fabric/seg_gain_pixel_ap_std", "seg_gain_pixel_auroc",
+                "memorisation_ratio", "fabric/visibility_hf_ratio", "metal/mask_area_ratio",
+                "fabric/hole/visibility_contrast_ratio"):
         assert math.isfinite(row[f"metrics.{key}"]), key
     artifacts = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").list_artifacts(
         summary["mlflow_run_id"])
@@ -187,3 +204,29 @@ def test_generated_parquet_source(ray_session, synth_root, tmp_path):
     assert len(out) == 5 and {r["source"] for r in out} == {"generated"}
     assert out[0]["image"].shape == (32, 32, 3) and out[0]["mask"].shape == (32, 32)
     assert set(classes) == {"fabric"}
+
+
+def test_all_split_skips_segmentation_and_sees_copies_of_training_images(ray_session, synth_root, tmp_path):
+    """``data.split.protocol=all``: every defective image trains, so no defective test image is left.
+    The downstream segmentation is skipped (and says so) and the memorisation baseline is undefined;
+    "generated" pairs that are the training images themselves are at distance 0 from them and look
+    exactly like the real pairs (every quality ratio 1)."""
+    from defectforge.data.arrow import write_parquet
+    from defectforge.data.mvtec import load_rows, scan_dataset
+    from defectforge.evaluate.run import evaluate
+
+    index = scan_dataset(synth_root, ["fabric"])
+    rows, _ = load_rows(index, index.defect_refs("fabric"), 64)
+    path = write_parquet(rows, tmp_path / "pairs.parquet")
+    cfg = _cfg(synth_root, tmp_path, "data.split.protocol=all", "data.products=[fabric]")
+    summary = evaluate(cfg, generated=path, out=tmp_path / "eval", log_to_mlflow=False, quiet=True)
+    assert summary["segmentation"] == {} and set(summary["segmentation_skipped"]) == {"fabric"}
+    assert "segmentation" not in summary["products"]["fabric"]
+    defects = summary["products"]["fabric"]["defects"]
+    assert set(defects) == {"hole", "scratch", "stain"}
+    for d, m in defects.items():
+        assert m["nn_gray_mad_generated"] == 0, d
+        assert math.isnan(m["nn_gray_mad_real_test"]) and math.isnan(m["memorisation_ratio"]), d
+        for key in ("mask_area_ratio", "visibility_contrast_ratio", "visibility_hf_ratio"):
+            assert m[key] == pytest.approx(1.0), (d, key)
+        assert m["mask_empty_rate"] == 0

@@ -282,3 +282,115 @@ def test_carve_validation_edge_cases(synth_root):
     for bad in (0, 1, -0.1, 1.5):
         with pytest.raises(ValueError, match="validation fraction"):
             carve_validation(refs, bad, seed=0)
+
+
+# ------------------------------------------------------------------ bring-your-own: manifest, all
+def _write_manifest(path: Path, rows: list[list[str]], header=("product", "defect", "id", "side")) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _even_train_rows(index) -> list[list[str]]:
+    """Every defective image, even ids on the train side: a split no built-in protocol makes."""
+    return [[r.product, r.defect, r.id, "train" if int(r.id) % 2 == 0 else "test"] for r in index.defect_refs()]
+
+
+def test_manifest_split_follows_the_csv(synth_root, tmp_path):
+    index = scan_dataset(synth_root)
+    path = _write_manifest(tmp_path / "split.csv", _even_train_rows(index))
+    m = make_split(index, SplitConfig(protocol="manifest", manifest=str(path)))
+    _assert_disjoint_and_complete(index, m)
+    for key, ids in _by_type(m.train).items():
+        assert ids == [f"{i:03d}" for i in range(0, 12, 2)], key
+    for key, ids in _by_type(m.test).items():
+        assert ids == [f"{i:03d}" for i in range(1, 12, 2)], key
+    assert m.to_json()["protocol"] == "manifest"
+    # one manifest serves any product selection: rows of unselected products are skipped
+    fabric = scan_dataset(synth_root, ["fabric"])
+    mf = make_split(fabric, SplitConfig(protocol="manifest", manifest=str(path)))
+    assert {r.product for r in mf.train + mf.test} == {"fabric"}
+    assert _by_type(mf.train) == {k: v for k, v in _by_type(m.train).items() if k[0] == "fabric"}
+
+
+def test_manifest_id_on_both_sides_names_file_line_and_image(synth_root, tmp_path):
+    index = scan_dataset(synth_root)
+    rows = _even_train_rows(index)
+    rows.append(["metal", "scratch", "004", "test"])  # 004 is already on the train side
+    path = _write_manifest(tmp_path / "split.csv", rows)
+    line = len(rows) + 1  # + the header
+    with pytest.raises(DataError, match=rf"line {line}: metal/scratch/004 is on both sides \(train at line \d+, "
+                                        r"test here\)") as err:
+        make_split(index, SplitConfig(protocol="manifest", manifest=str(path)))
+    assert str(path) in str(err.value)
+    rows[-1] = ["metal", "scratch", "004", "train"]  # the same row twice on the same side: harmless
+    make_split(index, SplitConfig(protocol="manifest", manifest=str(_write_manifest(path, rows))))
+
+
+def test_manifest_missing_id_names_file_line_and_id(synth_root, tmp_path):
+    index = scan_dataset(synth_root)
+    rows = _even_train_rows(index)
+    rows.insert(3, ["fabric", "hole", "999", "test"])
+    path = _write_manifest(tmp_path / "split.csv", rows)
+    with pytest.raises(DataError, match=r"line 5: no image fabric/hole with id '999' in the dataset .*ids there: 000") \
+            as err:
+        make_split(index, SplitConfig(protocol="manifest", manifest=str(path)))
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    (["fabric", "hole", "000", "val"], r"line 2: side 'val' is neither 'train' nor 'test'"),
+    (["fabric", "dent", "000", "train"], r"line 2: 'fabric' has no defect type 'dent'"),
+    (["plastic", "hole", "000", "train"], r"line 2: product 'plastic' is not in the dataset"),
+    (["fabric", "good", "000", "train"], r"line 2: fabric/good/000: defect-free images keep their folder"),
+    (["fabric", "hole", "", "train"], r"line 2: empty \['id'\]"),
+])
+def test_manifest_bad_rows_are_data_errors(synth_root, tmp_path, bad_row, message):
+    index = scan_dataset(synth_root)
+    path = _write_manifest(tmp_path / "split.csv", [bad_row] + _even_train_rows(index))
+    with pytest.raises(DataError, match=message) as err:
+        make_split(index, SplitConfig(protocol="manifest", manifest=str(path)))
+    assert str(path) in str(err.value)
+
+
+def test_manifest_file_problems(synth_root, tmp_path):
+    index = scan_dataset(synth_root)
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(DataError, match="split manifest not found") as err:
+        make_split(index, SplitConfig(protocol="manifest", manifest=str(missing)))
+    assert str(missing) in str(err.value)
+    no_side = _write_manifest(tmp_path / "a.csv", [["fabric", "hole", "000"]], header=("product", "defect", "id"))
+    with pytest.raises(DataError, match=r"missing column\(s\) \['side'\]") as err:
+        make_split(index, SplitConfig(protocol="manifest", manifest=str(no_side)))
+    assert str(no_side) in str(err.value)
+    rows = _even_train_rows(index)
+    partial = _write_manifest(tmp_path / "b.csv", rows[1:])  # one image left out
+    with pytest.raises(DataError, match=r"1 defective image\(s\) of the dataset are not in the split manifest, "
+                                        rf"e\.g\. {rows[0][0]}/{rows[0][1]}/{rows[0][2]}"):
+        make_split(index, SplitConfig(protocol="manifest", manifest=str(partial)))
+    no_train = _write_manifest(tmp_path / "c.csv", [r[:3] + ["test" if r[:2] == ["metal", "stain"] else r[3]]
+                                                     for r in rows])
+    with pytest.raises(DataError, match="metal/stain has no image on the train side"):
+        make_split(index, SplitConfig(protocol="manifest", manifest=str(no_train)))
+
+
+def test_manifest_protocol_needs_a_file_and_resolves_it(tmp_path, monkeypatch):
+    from defectforge.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match=r"data\.split\.manifest: protocol=manifest needs the CSV file"):
+        resolve_config(method="crop-paste", preset="tiny", overrides=["data.split.protocol=manifest"])
+    monkeypatch.chdir(tmp_path)
+    cfg = SplitConfig(protocol="manifest", manifest="split.csv")
+    assert cfg.manifest == str(tmp_path / "split.csv")  # Ray workers elsewhere read the same file
+
+
+def test_all_protocol_trains_on_every_defective_image(synth_root):
+    index = scan_dataset(synth_root)
+    m = make_split(index, SplitConfig(protocol="all"))
+    _assert_disjoint_and_complete(index, m)
+    assert {r.image_path for r in m.train} == {r.image_path for r in index.defect_refs() + index.good_refs("train")}
+    assert m.test and all(r.is_good for r in m.test)  # only test/good is left for testing
+    assert {r.image_path for r in m.test} == {r.image_path for r in index.good_refs("test")}
+    assert all(len(v) == 12 for k, v in m.ids("train").items() if not k.endswith("/good"))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 # tiny: seconds-scale tests (wiring, not quality); laptop: meaningful output on 2 CPUs within
 # minutes; paper: the papers' sizes, for GPUs.
@@ -45,9 +45,12 @@ class SplitConfig(_Strict):
     protocol). ``first-k``: the first ``k`` ids train. ``half``: a seeded random half trains.
     ``group``: whole groups (a metadata column, e.g. one physical tile shot at six exposures) are
     assigned to train until ``train_fraction`` is reached, so no group leaks across the cut.
+    ``manifest``: bring your own split, a CSV ``product,defect,id,side`` (side train/test) at
+    ``manifest``, every defective image on exactly one side. ``all``: every defective image trains
+    (e.g. a customer's few images); only ``test/good`` is left for testing.
     """
 
-    protocol: Literal["lowest-third", "first-k", "half", "group"] = "lowest-third"
+    protocol: Literal["lowest-third", "first-k", "half", "group", "manifest", "all"] = "lowest-third"
     seed: int = 0
     k: int = Field(5, ge=1, description="images per defect type in train (first-k)")
     train_fraction: float = Field(1 / 3, gt=0, lt=1, description="share of groups in train (group)")
@@ -55,6 +58,23 @@ class SplitConfig(_Strict):
     metadata: str | None = Field(
         None, description="CSV with columns cls,id,<group_column>; default <data>/metadata.csv"
     )
+    manifest: str | None = Field(
+        None, description="CSV with columns product,defect,id,side (side: train or test) for protocol=manifest"
+    )
+
+    @field_validator("manifest")
+    @classmethod
+    def _absolute_manifest(cls, value: str | None) -> str | None:
+        # Resolved where the configuration is validated (the driver), so Ray workers started in
+        # other directories read the same file, and the logged config names it unambiguously.
+        return None if value is None else str(Path(value).expanduser().absolute())
+
+    @model_validator(mode="after")
+    def _manifest_needs_a_file(self) -> SplitConfig:
+        if self.protocol == "manifest" and not self.manifest:
+            raise ValueError("data.split.manifest: protocol=manifest needs the CSV file "
+                             "(columns product,defect,id,side), e.g. data.split.manifest=split.csv")
+        return self
 
 
 class SynthConfig(_Strict):

@@ -10,6 +10,14 @@ tiles: ~6 exposures per tile) an id-based cut leaks the same object into both si
 * ``half``: a seeded random half trains;
 * ``group``: whole groups (a metadata column) train, seeded, until ``train_fraction`` of the images
   is reached, so no group is on both sides.
+* ``manifest``: bring your own split, a CSV ``product,defect,id,side`` (``side`` train or test),
+  e.g. the split a paper published or one a customer agreed to. Every defective image of the
+  selected products must be on exactly one side and every row must name an existing image; each
+  violation is a ``DataError`` naming the file, the line and what is wrong, because a silently
+  dropped or misspelt row would change the experiment without anyone noticing.
+* ``all``: every defective image trains (a customer's handful of images, all needed to learn
+  from). The test side then holds only ``test/good``, so test-based evaluation of defects
+  (segmentation, memorisation baseline) is undefined; see ``evaluate/run.py``.
 
 Each applies per (product, defect type). Defect-free images keep their folder: ``train/good``
 trains, ``test/good`` tests. Every manifest is checked for disjointness when it is built (by image
@@ -27,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from defectforge.data.sample import DataError, DatasetIndex, SampleRef, id_sort_key
+from defectforge.data.sample import GOOD, DataError, DatasetIndex, SampleRef, id_sort_key
 
 
 @dataclass
@@ -116,6 +124,82 @@ def read_groups(index: DatasetIndex, metadata: str | Path | None, column: str) -
     return groups
 
 
+MANIFEST_COLUMNS = ("product", "defect", "id", "side")
+SIDES = ("train", "test")
+
+
+def read_manifest(index: DatasetIndex, path: str | Path) -> dict[Path, str]:
+    """Side (``train``/``test``) of every defective image of ``index`` from a split CSV.
+
+    Columns ``product,defect,id,side`` (others are ignored). Rows of a product that exists next to
+    the selected ones but is not selected are skipped, so one manifest serves any product
+    selection. Every other row must name a defective image of the dataset, once per side; every
+    defective image must be listed, and every defect type needs a training image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split manifest not found: {path} (data.split.manifest)")
+    by_key = {(r.product, r.defect, r.id): r for r in index.defect_refs()}
+    sides: dict[Path, tuple[str, int]] = {}
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: spreadsheets write a BOM
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in reader.fieldnames or []]
+        missing = [c for c in MANIFEST_COLUMNS if c not in fields]
+        if missing:
+            raise DataError(f"{path}: split manifest is missing column(s) {missing}; it needs "
+                            f"{','.join(MANIFEST_COLUMNS)} (found {fields or 'no header'})")
+        reader.fieldnames = fields
+        for row in reader:
+            line = reader.line_num
+            where = f"{path}, line {line}"
+            vals = {c: (row.get(c) or "").strip() for c in MANIFEST_COLUMNS}
+            if not all(vals.values()):
+                raise DataError(f"{where}: empty {[c for c in MANIFEST_COLUMNS if not vals[c]]} in {dict(row)}")
+            product, defect, sid, side = (vals[c] for c in MANIFEST_COLUMNS)
+            if side.lower() not in SIDES:
+                raise DataError(f"{where}: side {side!r} is neither 'train' nor 'test' ({product}/{defect}/{sid})")
+            side = side.lower()
+            if product not in index.classes:
+                if _is_other_product(index, product):
+                    continue  # a product of the dataset this run did not select
+                raise DataError(f"{where}: product {product!r} is not in the dataset {index.root} "
+                                f"(products: {', '.join(index.products)})")
+            if defect == GOOD:
+                raise DataError(f"{where}: {product}/good/{sid}: defect-free images keep their folder "
+                                "(train/good trains, test/good tests); list defective images only")
+            if defect not in index.classes[product]:
+                raise DataError(f"{where}: {product!r} has no defect type {defect!r} "
+                                f"(types: {', '.join(index.classes[product])})")
+            ref = by_key.get((product, defect, sid))
+            if ref is None:
+                known = sorted((r.id for r in index.defect_refs(product) if r.defect == defect), key=id_sort_key)
+                raise DataError(f"{where}: no image {product}/{defect} with id {sid!r} in the dataset {index.root} "
+                                f"(ids there: {', '.join(known[:8])}{', ...' if len(known) > 8 else ''})")
+            if ref.image_path in sides and sides[ref.image_path][0] != side:
+                other_side, other_line = sides[ref.image_path]
+                raise DataError(f"{where}: {product}/{defect}/{sid} is on both sides ({other_side} at line "
+                                f"{other_line}, {side} here)")
+            sides.setdefault(ref.image_path, (side, line))
+    unlisted = [r for r in index.defect_refs() if r.image_path not in sides]
+    if unlisted:
+        names = ", ".join(f"{r.product}/{r.defect}/{r.id}" for r in unlisted[:5])
+        raise DataError(f"{path}: {len(unlisted)} defective image(s) of the dataset are not in the split "
+                        f"manifest, e.g. {names}; give each a row with side train or test")
+    trained = {(r.product, r.defect) for r in index.defect_refs() if sides[r.image_path][0] == "train"}
+    for product, classes in index.classes.items():
+        for defect in classes:
+            if (product, defect) not in trained and any(r.defect == defect for r in index.defect_refs(product)):
+                raise DataError(f"{path}: {product}/{defect} has no image on the train side; a generator "
+                                "cannot learn a defect type it never sees")
+    return {p: side for p, (side, _) in sides.items()}
+
+
+def _is_other_product(index: DatasetIndex, product: str) -> bool:
+    """Whether ``product`` is a product folder of the dataset root that this index did not select."""
+    folder = index.root / product
+    return folder.is_dir() and ((folder / "train").is_dir() or (folder / "test").is_dir())
+
+
 def _split_one(refs: list[SampleRef], cfg: Any, groups: dict[Path, str]) -> tuple[list[SampleRef], list[SampleRef]]:
     refs = sorted(refs, key=lambda r: id_sort_key(r.id))
     n, where = len(refs), f"{refs[0].product}/{refs[0].defect}"
@@ -156,8 +240,16 @@ def make_split(index: DatasetIndex, cfg: Any) -> SplitManifest:
         by_type[(ref.product, ref.defect)].append(ref)
     train = [r for r in index.good_refs("train")]
     test = [r for r in index.good_refs("test")]
+    sides = read_manifest(index, cfg.manifest) if cfg.protocol == "manifest" else {}
     for key in sorted(by_type):
-        tr, te = _split_one(by_type[key], cfg, groups)
+        refs = sorted(by_type[key], key=lambda r: id_sort_key(r.id))
+        if cfg.protocol == "all":
+            tr, te = refs, []
+        elif cfg.protocol == "manifest":
+            tr = [r for r in refs if sides[r.image_path] == "train"]
+            te = [r for r in refs if sides[r.image_path] == "test"]
+        else:
+            tr, te = _split_one(refs, cfg, groups)
         train.extend(tr)
         test.extend(te)
     # Refs carry the side they are on now (a few-shot training image was found under test/).

@@ -5,7 +5,9 @@ engineer comparing checkpoints in the MLflow UI relies on the same metric keys e
 
 * ``<metric>`` overall, ``<product>/<metric>`` per product, ``<product>/<defect>/<metric>`` per
   defect type, where ``<metric>`` carries the extractor's name (``fid_randfeat``; ``fid`` only
-  with the standard Inception weights);
+  with the standard Inception weights); the defect-quality metrics (``mask_area_ratio``,
+  ``visibility_contrast_ratio``, ``visibility_hf_ratio``, ``memorisation_ratio``, ...) follow the
+  same scheme;
 * segmentation: ``<product>/seg_real_<m>``, ``<product>/seg_mixed_<m>`` (real + synthetic),
   ``<product>/seg_gain_<m>`` and their ``..._std``; the same without the product prefix are means
   over products.
@@ -57,9 +59,11 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """Per-product table: fidelity, diversity, masks, downstream segmentation (real / +syn / gain)."""
+    """Per-product table: fidelity, diversity, masks, defect quality, downstream segmentation
+    (real / +syn / gain)."""
     names = summary["metric_names"]
-    cols = [names["fid"], names["kid"], names["is"], names["lpips"], names["ic_lpips"], "mask_empty_rate"]
+    cols = [names["fid"], names["kid"], names["is"], names["lpips"], names["ic_lpips"], "mask_empty_rate",
+            "mask_area_ratio", "visibility_contrast_ratio", "visibility_hf_ratio", "memorisation_ratio"]
     head = ["product", "n"] + cols + [f"seg_{TABLE_SEG_METRIC} real", "real+syn", "gain ± std"]
     rows = []
     for product, block in list(summary["products"].items()) + [("overall", {"metrics": summary["overall"]})]:

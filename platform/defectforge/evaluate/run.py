@@ -9,15 +9,16 @@ Order of work, cheapest failure first:
    the held-out test split for segmentation testing, all real defect images of a (product,
    defect) as its fidelity reference;
 3. the Ray Data pipeline (``pipeline.py``): generation, features, streaming FID statistics, KID,
-   IS, LPIPS / IC-LPIPS, mask quality;
+   IS, LPIPS / IC-LPIPS, mask quality; then defect quality (``add_defect_quality``: mask-area
+   ratio, visibility ratios, memorisation) from the same pair blocks;
 4. downstream segmentation per product: products x seeds x {real, real+synthetic} as Ray tasks
    (``segmentation.run_one``), combined with ``aggregate_runs`` (mean ± std, gain b - a);
 5. the report: summary JSON, printed table, sample grid, Parquet, one MLflow run.
 
 Level conventions: FID, KID and IS pool the feature rows of a level (defect type, product,
-overall); LPIPS, IC-LPIPS and mask quality are computed per defect type and averaged over the
-types of a product (and over all types overall), because pooling different defect types would
-measure the spread between types rather than within them.
+overall); LPIPS, IC-LPIPS, mask and defect quality are computed per defect type and averaged
+over the types of a product (and over all types overall), because pooling different defect types
+would measure the spread between types rather than within them.
 """
 
 from __future__ import annotations
@@ -156,6 +157,73 @@ def fidelity_and_diversity(result: Any, classes: dict[str, tuple[str, ...]], nam
         products[p] = {"metrics": {**level(match), **diversity_mean(match)}, "defects": defects}
     overall = {**level(lambda pp, dd: pp in products), **diversity_mean(lambda pp, dd: pp in products)}
     return {"products": products, "overall": overall}
+
+
+# ------------------------------------------------------------------------------ defect quality
+def _quality_block(train_thumbs: dict[tuple[str, str], np.ndarray], block: dict[str, np.ndarray]
+                   ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """Per-pair quality statistics (``metrics.quality.pair_stats``) of one pair block, grouped by
+    (product, defect); a Ray task, so the images are measured where the block lives."""
+    from defectforge.evaluate.metrics import pair_stats
+
+    if not isinstance(block, dict) or "product" not in block:  # an empty block (all rows filtered out)
+        return {}
+    products, defects = np.asarray(block["product"]).astype(str), np.asarray(block["defect"]).astype(str)
+    out = {}
+    for key in sorted(set(zip(products.tolist(), defects.tolist()))):
+        idx = np.flatnonzero((products == key[0]) & (defects == key[1]))
+        out[key] = pair_stats([np.asarray(block["image"][i]) for i in idx], [np.asarray(block["mask"][i]) for i in idx],
+                              train_thumbs.get(key))
+    return out
+
+
+def add_defect_quality(metrics: dict[str, Any], pair_refs: list[Any], real: dict[str, Any]) -> None:
+    """Add the defect-quality metrics (``metrics/quality.py``) to ``fidelity_and_diversity``'s dict.
+
+    Per (product, defect): generated pairs (measured block by block in Ray tasks) against the real
+    defect pairs of the type (``real["reference"]``: mask area, contrast, |Laplacian|), and
+    memorisation against the type's few-shot training images, with its real test images as the
+    baseline. Products and overall report the mean over their types (like LPIPS and mask quality).
+    """
+    import ray
+
+    from defectforge.cluster import outside_placement_group
+    from defectforge.evaluate.metrics import (
+        concat_stats,
+        mean_over_types,
+        nn_distance,
+        pair_stats,
+        quality_from_stats,
+        thumbnails,
+    )
+
+    def by_type(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            if r["defect"] != "good":
+                out[(r["product"], r["defect"])].append(r)
+        return out
+
+    reference, test = by_type(real["reference"]), by_type(real["test"])
+    thumbs = {k: thumbnails([r["image"] for r in v]) for k, v in by_type(real["few_shot"]).items()}
+    task = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy=outside_placement_group())(_quality_block)
+    thumbs_ref = ray.put(thumbs)
+    generated: dict[tuple[str, str], list[dict[str, np.ndarray]]] = defaultdict(list)
+    for part in ray.get([task.remote(thumbs_ref, ref) for ref in pair_refs]):
+        for key, stats in part.items():
+            generated[key].append(stats)
+    quality = {}
+    for key in sorted(generated):
+        rows = reference.get(key, [])
+        real_stats = pair_stats([r["image"] for r in rows], [r["mask"] for r in rows])
+        test_nn = (nn_distance(thumbnails([r["image"] for r in test.get(key, [])]), thumbs[key])
+                   if key in thumbs else None)
+        quality[key] = quality_from_stats(concat_stats(generated[key]), real_stats, test_nn)
+    for p, block in metrics["products"].items():
+        for d, m in block["defects"].items():
+            m.update(quality.get((p, d), {}))
+        block["metrics"].update(mean_over_types(quality[(p, d)] for d in block["defects"] if (p, d) in quality))
+    metrics["overall"].update(mean_over_types(q for (p, _), q in quality.items() if p in metrics["products"]))
 
 
 def _finite(v: Any) -> bool:
@@ -300,12 +368,23 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
 
     result = run_pipeline(gen_ds, real["reference"], references, spec, artifacts)
     metrics = fidelity_and_diversity(result, classes, names)
+    t_quality = time.perf_counter()
+    add_defect_quality(metrics, result.pair_refs, real)
+    quality_s = time.perf_counter() - t_quality
 
     seg: dict[str, Any] = {}
     t_seg = time.perf_counter()
-    if ev.segmentation:
-        seg = run_segmentation(real, list(metrics["products"]), result.pair_refs, list(range(ev.seg_seeds)),
-                               ev.seg_steps, ev.synthetic_ratio)
+    # A product without defective test images (data.split.protocol=all, or a manifest that tests
+    # none) has nothing to score a segmenter on: its downstream segmentation is skipped, not faked.
+    seg_skipped = {p: f"no defective test image (data.split.protocol={cfg.data.split.protocol})"
+                   for p in metrics["products"] if not any(r["product"] == p and r["defect"] != "good"
+                                                           for r in real["test"])}
+    if ev.segmentation and seg_skipped and not quiet:
+        print(f"[evaluate] downstream segmentation skipped for {', '.join(seg_skipped)}: no defective test image",
+              flush=True)
+    if ev.segmentation and len(seg_skipped) < len(metrics["products"]):
+        seg = run_segmentation(real, [p for p in metrics["products"] if p not in seg_skipped], result.pair_refs,
+                               list(range(ev.seg_seeds)), ev.seg_steps, ev.synthetic_ratio)
         for p, s in seg.items():
             metrics["products"][p]["segmentation"] = {k: s[k] for k in ("seeds", "real", "real+synthetic", "gain",
                                                                         "std")}
@@ -322,8 +401,9 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
         "segmentation": (_seg_overall(seg) | {"seeds": list(range(ev.seg_seeds)), "steps": ev.seg_steps,
                                               "synthetic_ratio": ev.synthetic_ratio,
                                               "std": "sample std over seeds (ddof=1)"}) if seg else {},
+        "segmentation_skipped": seg_skipped if ev.segmentation else {},
         "artifacts": {"dir": str(out_dir), "pairs": str(result.pairs_path), "features": str(result.features_path)},
-        "timings": {**result.timings, "load_real_s": load_s, "segmentation_s": seg_s},
+        "timings": {**result.timings, "load_real_s": load_s, "quality_s": quality_s, "segmentation_s": seg_s},
         "mlflow_run_id": None,
     }
     table = format_table(summary)
