@@ -206,7 +206,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
     },
     "laptop": {
         "data": {"resolution": 64},
-        "train": {"steps": 1500, "batch_size": 8, "lr": 1e-3, "warmup_steps": 100, "checkpoint_every": 500,
+        "train": {"steps": 800, "batch_size": 8, "lr": 1e-3, "warmup_steps": 50, "checkpoint_every": 200,
                   "log_every": 50, "ema_decay": 0.995},
         "sampling": {"sampler": "ddim", "steps": 25, "n": 16, "batch_size": 32},
         "evaluation": {"n_per_defect": 16, "seg_steps": 200, "seg_seeds": 2},

@@ -105,6 +105,9 @@ class DefectGenConfig(MethodConfigBase):
         T = self.num_train_timesteps
         if not 0 < self.u < T:
             raise ValueError(f"method.u={self.u} must satisfy 0 < u < method.num_train_timesteps={T}")
+        if self.mask_ce_weight > 0 and self.prediction_type != "sample":
+            raise ValueError("method.mask_ce_weight > 0 needs method.prediction_type=sample: the cross-entropy "
+                             "treats the predicted mask channels as class logits (the official x0 setting)")
         if self.u_range is not None:
             lo, hi = self.u_range
             if not 0 < lo <= hi < T:
@@ -151,9 +154,9 @@ class DefectGenConfig(MethodConfigBase):
 # The laptop preset's method part (see DefectGenConfig.preset); module-level so the README table
 # and the tests name one source.
 LAPTOP: dict[str, Any] = {
-    "large_downsamplings": 4, "large_unshuffle": 2, "large_widths": [64, 96, 128, 128, 128],
-    "small_widths": [32, 48, 64, 64, 64, 64, 64], "layers_per_block": 1,
-    "attention_resolution": 8, "attention_head_dim": 32, "norm_num_groups": 16,
+    "large_unshuffle": 2, "large_downsamplings": 4, "large_widths": [24, 48, 64, 96, 96],
+    "attention_resolution": 4, "attention_head_dim": 32,
+    "small_widths": [8, 16, 32, 32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 4,
     "num_train_timesteps": 1000, "prediction_type": "sample", "mask_encoding": "onehot01",
     "u": 200, "u_range": [100, 500], "receptive_field": "small",
 }
@@ -229,6 +232,24 @@ class DefectGen(Generator):
         if self.config.mask_encoding == "signed":
             onehot = onehot * 2 - 1
         return torch.cat([image, onehot], dim=1)
+
+    def to_x0_space(self, out: torch.Tensor) -> torch.Tensor:
+        """The model output as the scheduler expects it.
+
+        With the mask cross-entropy (``mask_ce_weight`` > 0) the mask channels of an x0 prediction
+        are class *logits* (that is what the CE trains); the x0 they stand for is their softmax,
+        a point of the one-hot simplex like the training data ({0, 1}, or 2p - 1 for ``signed``).
+        Handing raw logits to the sampler instead (what the official code's clamp to [-1, 1]
+        does) puts x_t off the training distribution; measured here, samples collapsed to one
+        pattern. Without the CE the output already is x0 (or ε / v).
+        """
+        if self.config.mask_ce_weight <= 0:
+            return out
+        c = self.image_channels
+        probs = out[:, c:].float().softmax(dim=1).to(out.dtype)
+        if self.config.mask_encoding == "signed":
+            probs = probs * 2 - 1
+        return torch.cat([out[:, :c], probs], dim=1)
 
     def x0_from_prediction(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x̂0 from the model output under the configured parameterization."""
@@ -349,7 +370,7 @@ class DefectGen(Generator):
                 out = self.unet_large(x, t, class_labels=emb_large).sample
             else:
                 out = self.unet_small(x, t, class_labels=emb_small).sample
-            x = sched.step(out, t, x, generator=gen).prev_sample
+            x = sched.step(self.to_x0_space(out), t, x, generator=gen).prev_sample
         return x
 
     def decode(self, x: torch.Tensor, products: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     if seg and not cfg.evaluation.segmentation:
         raise ConfigError(f"sweep.objective {seg} needs the downstream segmentation, but evaluation.segmentation "
                           "is false: set it to true or choose another objective (e.g. kid_randfeat:min)")
-    space = load_space(cfg.sweep.space or cfg.method.name)
+    space = load_space(cfg.sweep.space or cfg.method.name, preset=cfg.preset)
     if space.method != cfg.method.name:
         raise ValueError(f"search space {space.source} is for method {space.method!r}, not {cfg.method.name!r}")
     name = default_name(cfg)

@@ -102,7 +102,7 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
     from defectforge.train.data import load_training_data
     from defectforge.train.runner import fit_generator
 
-    space = load_space(spec.space_source)
+    space = load_space(spec.space_source, preset=spec.cfg["preset"])
     params = {k: v for k, v in config.items() if k in space.parameters}
     cfg = space.apply(config_from_dict(spec.cfg), params)
     trial_id = tune.get_context().get_trial_id()
@@ -181,7 +181,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     from defectforge.sweep.space import define_by_run, load_space
 
     cfg = config_from_dict(spec.cfg)
-    space = load_space(spec.space_source)
+    space = load_space(spec.space_source, preset=cfg.preset)
     objectives = spec.objectives
     metric = objectives[0].metric if len(objectives) == 1 else [o.metric for o in objectives]
     mode = objectives[0].mode if len(objectives) == 1 else [o.mode for o in objectives]

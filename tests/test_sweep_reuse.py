@@ -1,0 +1,57 @@
+"""Train once, sweep many, end to end: a sweep whose trials differ only in sampling-time fields
+shares trained generators (asserted from the MLflow tags every trial's child run carries)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+
+from defectforge.config import resolve_config
+
+TINY = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=4", "evaluation.feature_extractor=randfeat",
+        "evaluation.n_per_defect=2", "evaluation.segmentation=false", "sampling.steps=3"]
+
+
+def test_four_trials_two_differing_only_in_u_train_three_generators(ray_session, synth_root, tmp_path):
+    from defectforge.sweep.run import sweep
+
+    space = Path(tmp_path) / "space.yaml"
+    # Trials 1 and 2 differ only in u (sampling-time): one training. Trials 3 and 4 change the lr.
+    space.write_text(
+        "method: defect-gen\nparameters:\n"
+        "  train.lr: {type: categorical, choices: [5.0e-4, 1.0e-3, 2.0e-3]}\n"
+        "  method.u: {type: categorical, choices: [100, 300]}\n"
+        "points_to_evaluate:\n"
+        "  - {train.lr: 5.0e-4, method.u: 100}\n"
+        "  - {train.lr: 5.0e-4, method.u: 300}\n"
+        "  - {train.lr: 1.0e-3, method.u: 100}\n"
+        "  - {train.lr: 2.0e-3, method.u: 100}\n")
+    cfg = resolve_config(method="defect-gen", preset="tiny", overrides=[
+        f"data.path={synth_root}", "data.products=[fabric]", f"tracking.run_root={tmp_path}",
+        f"sweep.space={space}", "sweep.num_trials=4", "sweep.name=reuse", "sweep.scheduler=none",
+        "sweep.max_concurrent=2", "sweep.objective=kid_randfeat:min", "sweep.register_model=false", *TINY])
+    summary = sweep(cfg)
+    [study] = summary["studies"]
+    assert [t["status"] for t in study["trials"]] == ["done"] * 4
+
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    exp = client.get_experiment_by_name("defectforge/defect-gen")
+    runs = client.search_runs([exp.experiment_id], "tags.`defectforge.sweep` = 'reuse' and "
+                                                   "tags.`defectforge.kind` = 'trial'")
+    assert len(runs) == 4
+    keys = Counter(r.data.tags["defectforge.train_key"] for r in runs)
+    assert sorted(keys.values()) == [1, 1, 2]  # 3 trainings; the u pair shares one
+    trained = [r for r in runs if r.data.tags["defectforge.trained_here"] == "true"]
+    assert len(trained) == 3 and len({r.data.tags["defectforge.train_key"] for r in trained}) == 3
+    shared_key = next(k for k, n in keys.items() if n == 2)
+    pair = [r for r in runs if r.data.tags["defectforge.train_key"] == shared_key]
+    assert {int(float(r.data.params["method.u"])) for r in pair} == {100, 300}
+    trainer = next(r for r in pair if r.data.tags["defectforge.trained_here"] == "true")
+    reuser = next(r for r in pair if r.data.tags["defectforge.trained_here"] == "false")
+    assert reuser.data.tags["defectforge.trained_by_run"] == trainer.info.run_id
+    assert reuser.data.tags["defectforge.train_run"] == trainer.data.tags["defectforge.train_run"]
+    # Three Train runs on storage, not four.
+    train_dirs = [p for p in (Path(summary["storage"]) / "train-once").iterdir() if p.is_dir()]
+    assert len(train_dirs) == 3
