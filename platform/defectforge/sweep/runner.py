@@ -139,10 +139,12 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
             log=lambda msg: print(f"[sweep] {msg}", flush=True))
         import mlflow
 
-        mlflow.MlflowClient(spec.uri).set_tags(run_id, {
+        from mlflow.entities import RunTag
+
+        mlflow.MlflowClient(spec.uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in {
             "defectforge.train_run": train_name, "defectforge.train_key": reuse.training_key(cfg),
             "defectforge.trained_here": str(trained_here).lower(),
-            "defectforge.trained_by_run": record.get("trained_by_run", "")})
+            "defectforge.trained_by_run": record.get("trained_by_run", "")}.items()])
         result = {"metrics": {"loss": record.get("loss", float("nan"))}}
         checkpoint = Path(record["checkpoint"]) / "generator"
         # The evaluation drives Ray Data and Ray tasks that need whole CPUs; run it as a task outside
@@ -208,8 +210,11 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
                                       failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_max_failures),
                                       verbose=1),
         )
-    grid = tuner.fit()
-    reuse.drop_registry(spec.name)
+    reuse.registry_handle(spec.name)  # created here, so no trial owns it
+    try:
+        grid = tuner.fit()
+    finally:
+        reuse.drop_registry(spec.name)
     rows = []
     for res in grid:
         row = {"trial_id": res.metrics.get("trial_id") if res.metrics else None, "products": spec.products,

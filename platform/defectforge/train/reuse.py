@@ -119,9 +119,13 @@ def registry_handle(name: str) -> Any:
     """The sweep's registry actor, created on first use (``get_if_exists`` makes that atomic)."""
     import ray
 
+    from defectforge.cluster import outside_placement_group
+
     cls = ray.remote(num_cpus=0, max_restarts=0)(TrainOnceRegistry)
+    # Outside the caller's placement group: a sweep trial's group (and every actor it captured)
+    # is removed when that trial ends, while the registry must outlive it.
     return cls.options(name=f"train-once-{name}", namespace="defectforge", lifetime="detached",
-                       get_if_exists=True).remote()
+                       get_if_exists=True, scheduling_strategy=outside_placement_group()).remote()
 
 
 def drop_registry(name: str) -> None:
