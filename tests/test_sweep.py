@@ -167,3 +167,189 @@ def test_killed_sweep_resumes_and_runs_every_trial_once(ray_session, synth_root,
         assert summary_file.stat().st_mtime_ns == mtime, detail
     summary = json.loads((tmp_path / "rs.json").read_text())
     assert sorted(t["status"] for t in summary["studies"][0]["trials"]) == ["done"] * 2
+
+
+def _spec(name: str, product: str, tmp_path: Path):
+    from defectforge.sweep.objectives import parse_objectives
+    from defectforge.sweep.runner import StudySpec
+
+    cfg = resolve_config(method="defect-gen", preset="tiny", overrides=[f"data.products=[{product}]"])
+    return StudySpec(name=name, products=[product], cfg=cfg.to_dict(), space_source=str(_space(tmp_path, [0.001])),
+                     storage=str(tmp_path / "sweeps"), uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     experiment="defectforge/defect-gen", parent_run_id="-", objectives=parse_objectives("kid_randfeat"))
+
+
+def test_each_study_registers_its_trainable_under_its_own_name(ray_session, tmp_path):
+    """Issue 19's cause: Tune registers a trainable job-wide under its name and builds each trial's
+    actor from what that name holds when the actor starts; concurrent studies named alike
+    (``_trial``) overwrote each other's spec. Each study's name is its own, and the same again
+    for the same study (``Tuner.restore`` requires the name it was started with)."""
+    from ray import tune
+    from ray.tune.experiment import Experiment
+    from ray.tune.registry import _has_trainable
+
+    from defectforge.sweep.runner import study_trainable
+
+    specs = [_spec(f"reg-{p}", p, tmp_path) for p in ("fabric", "metal")]
+    names = [Experiment.register_if_needed(tune.with_resources(study_trainable(s), {"cpu": 0.01})) for s in specs]
+    assert names == ["defectforge-trial-reg-fabric", "defectforge-trial-reg-metal"]
+    assert all(_has_trainable(n) for n in names)
+    assert Experiment.get_trainable_name(study_trainable(specs[0])) == names[0]
+
+
+def test_a_trial_handed_another_studys_spec_fails_before_training(ray_session, tmp_path):
+    """The guard at the start of a trial: Tune's record of the trial's study (its experiment name)
+    must be the spec's study, else the trial errors before it opens an MLflow run or trains."""
+    from ray import tune
+
+    from defectforge.sweep.runner import study_trainable
+
+    metal = _spec("guard-metal", "metal", tmp_path)
+    tuner = tune.Tuner(tune.with_resources(study_trainable(metal), {"cpu": 0.01}),
+                       run_config=tune.RunConfig(name="guard-fabric", storage_path=str(tmp_path / "sweeps"), verbose=0))
+    [result] = tuner.fit()
+    assert result.error is not None and "refusing to train another study's product" in str(result.error)
+    assert "'guard-fabric'" in str(result.error) and "'guard-metal'" in str(result.error)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweeps" / "train").exists()
+
+
+def _assert_each_trial_on_its_own_product(tmp_path: Path, uri: str, sweep: str, summary: dict | None,
+                                          products: list[str], detail: str = "") -> dict[str, list]:
+    """Issue 19's checks, for every trial of a per-product sweep: its Train run folder, its MLflow
+    run name and ``products`` param, and the products its generator checkpoints were built for
+    name its own study's product; each trial id appears once; no child run is left RUNNING;
+    scheduler-stopped trials are KILLED with the reason. Returns the child runs per study."""
+    train_dirs = [d.name for d in (tmp_path / "sweeps" / "train").iterdir() if d.is_dir()]
+    all_ids: list[str] = []
+    runs_per_study = {}
+    for product in products:
+        study = f"{sweep}-{product}"
+        children = _children(uri, study)
+        runs_per_study[study] = children
+        ids = [c.data.tags["defectforge.trial_id"] for c in children]
+        all_ids += ids
+        assert children, f"no trial of {study}\n{detail}"
+        for c in children:
+            tid = c.data.tags["defectforge.trial_id"]
+            assert c.info.run_name == f"{study}-{tid}", detail
+            assert c.data.params["products"] == product, f"{c.info.run_name}: {c.data.params['products']}\n{detail}"
+            assert c.info.status != "RUNNING", f"{c.info.run_name} left RUNNING\n{detail}"
+            if c.info.status == "KILLED":
+                assert c.data.tags["defectforge.end_reason"].startswith(("stopped by ASHA", "its Tune trial was lost")), \
+                    detail
+        for c in children:  # a trial's Train run (train once: named by study + training key) is tagged
+            train_run = c.data.tags.get("defectforge.train_run")
+            if train_run is None:  # killed before it reached its training
+                continue
+            assert train_run.startswith(f"{study}-gen-"), f"{train_run} of {study}\n{detail}"
+            for cfg_file in (tmp_path / "sweeps" / "train").glob(f"{train_run}/**/generator/config.json"):
+                trained = json.loads(cfg_file.read_text())["context"]["products"]
+                assert trained == [product], f"{cfg_file}: trained on {trained}\n{detail}"
+        for d in train_dirs:
+            assert d.startswith((f"{sweep}-fabric-gen-", f"{sweep}-metal-gen-")), d
+    assert len(all_ids) == len(set(all_ids)), f"a trial id appears twice: {sorted(all_ids)}\n{detail}"
+    assert sorted(d.rsplit("-", 1)[1] for d in train_dirs) == sorted(set(d.rsplit("-", 1)[1] for d in train_dirs))
+    if summary is not None:
+        by_id = {c.data.tags["defectforge.trial_id"]: c for cs in runs_per_study.values() for c in cs}
+        for study in summary["studies"]:
+            [product] = study["products"]
+            assert study["name"] == f"{sweep}-{product}"
+            in_mlflow = sorted(c.data.tags["defectforge.trial_id"] for c in runs_per_study[study["name"]])
+            assert sorted(t["trial_id"] for t in study["trials"]) == in_mlflow, detail  # each trial exactly once
+            for t in study["trials"]:
+                run = by_id[t["trial_id"]]
+                assert run.data.params["products"] == product, detail
+                expected = {"done": "FINISHED", "error": "FAILED", "stopped": "KILLED"}[t["status"]]
+                assert run.info.status == expected, f"{t['trial_id']} {t['status']} but run {run.info.status}\n{detail}"
+                if t["status"] == "stopped":
+                    assert run.data.tags["defectforge.end_reason"].startswith("stopped by ASHA"), detail
+                if t["status"] == "done":
+                    ckpt = json.loads((Path(t["checkpoint_dir"]) / "config.json").read_text())
+                    assert ckpt["context"]["products"] == [product], detail
+    return runs_per_study
+
+
+def test_per_product_sweep_trains_every_trial_on_its_own_studys_product(ray_session, synth_root, tmp_path):
+    """Issue 19: two studies (fabric, metal), three trials each. Every trial trains its own study's
+    product and every child run is closed. (ASHA is off: on the test cluster a stopped trial's Train
+    placement group leaks, see the report of issue 19, and the next trial waits for its CPU.)"""
+    from defectforge.sweep.run import sweep
+
+    cfg = resolve_config(method="defect-gen", preset="tiny", overrides=[
+        f"data.path={synth_root}", f"tracking.run_root={tmp_path}",
+        f"sweep.space={_space(tmp_path, [0.002, 1e-9, 0.0005])}", "sweep.num_trials=3", "sweep.name=pp",
+        "sweep.scheduler=none", "sweep.max_concurrent=1", "evaluation.segmentation=false", *TINY])
+    summary = sweep(cfg, summary_json=tmp_path / "pp.json")
+    assert [s["products"] for s in summary["studies"]] == [["fabric"], ["metal"]]
+    assert all(len(s["trials"]) == 3 for s in summary["studies"])
+    _assert_each_trial_on_its_own_product(tmp_path, summary["tracking_uri"], "pp", summary, ["fabric", "metal"],
+                                          json.dumps(summary["studies"], default=str)[-4000:])
+
+
+@pytest.mark.slow
+def test_per_product_sweep_killed_three_times_runs_every_trial_once_on_its_own_product(ray_session, synth_root,
+                                                                                       tmp_path):
+    """Issue 19's kill test: the driver's process group is killed (as a crashed machine would)
+    three times, each time once a trial more has started training than at the previous kill, then
+    the sweep is run to its end. Every trial appears once, on its own study's product, and no
+    child run is left RUNNING."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    job = Path(__file__).resolve().parents[1] / "jobs" / "sweep_defectgen.py"
+    cmd = [sys.executable, str(job), "--data", str(synth_root), "--products", "fabric,metal", "--trials", "3",
+           "--concurrency", "1", "--name", "kt", "--run-root", str(tmp_path), "--summary-json",
+           str(tmp_path / "kt.json"), f"--space={_space(tmp_path, [0.002, 1e-9, 0.0005])}",
+           "sweep.scheduler=none", "evaluation.segmentation=false", *TINY]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train = tmp_path / "sweeps" / "train"
+    history = []
+    for kill in range(3):
+        seen = len(list(train.glob("kt-*"))) if train.is_dir() else 0
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if train.is_dir() and len(list(train.glob("kt-*"))) > seen:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, f"the sweep ended before kill {kill + 1} ({history})"
+        time.sleep(2 * kill)  # three different moments: as training starts, a little later, later still
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        history.append(sorted(d.name for d in train.glob("kt-*")))
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    detail = f"Train folders at each kill {history}\n{again.stdout[-5000:]}\n{again.stderr[-2000:]}"
+    assert again.returncode == 0, detail
+    summary = json.loads((tmp_path / "kt.json").read_text())
+    assert all(len(s["trials"]) == 3 for s in summary["studies"]), detail
+    _assert_each_trial_on_its_own_product(tmp_path, uri, "kt", summary, ["fabric", "metal"], detail)
+
+
+def test_child_runs_are_closed_as_tune_ended_their_trials(tmp_path):
+    """The sweep-end pass: a stopped trial's RUNNING (or teardown-FAILED) run becomes KILLED with the
+    reason, an errored one FAILED, a FINISHED run stays, a run whose trial Tune lost becomes KILLED."""
+    from defectforge import tracking
+    from defectforge.sweep import mlflow_runs
+
+    uri = tracking.setup(None, tmp_path, "defectforge/defect-gen", 30)
+    exp = "defectforge/defect-gen"
+    parent = mlflow_runs.parent_run(uri, exp, "cl", {"method": {"name": "defect-gen"}}, {})
+    runs = {t: mlflow_runs.child_run(uri, exp, "cl-fabric", parent, t, {"products": "fabric"})
+            for t in ("stopped", "torn", "errored", "done", "lost")}
+    mlflow_runs.finish(uri, runs["done"], trial_result={"loss": 1.0})
+    mlflow_runs.finish(uri, runs["torn"], error="RayActorError: the actor died")
+    changed = mlflow_runs.close_study_runs(uri, exp, "cl-fabric", {
+        "stopped": ("KILLED", "stopped by ASHA"), "torn": ("KILLED", "stopped by ASHA"),
+        "errored": ("FAILED", "trial errored: boom"), "done": ("KILLED", "stopped by ASHA")})
+    assert changed == {"stopped": "KILLED", "torn": "KILLED", "errored": "FAILED", "lost": "KILLED"}
+    client = mlflow.MlflowClient(uri)
+    got = {t: client.get_run(r) for t, r in runs.items()}
+    assert {t: r.info.status for t, r in got.items()} == {"stopped": "KILLED", "torn": "KILLED", "errored": "FAILED",
+                                                         "done": "FINISHED", "lost": "KILLED"}
+    assert got["stopped"].data.tags["defectforge.end_reason"] == "stopped by ASHA"
+    assert got["errored"].data.tags["defectforge.error"] == "trial errored: boom"
+    assert "interrupted" in got["lost"].data.tags["defectforge.end_reason"]
+    assert "defectforge.end_reason" not in got["done"].data.tags
+    # A restarted trial reopens its run: the old end reason goes.
+    again = mlflow_runs.child_run(uri, exp, "cl-fabric", parent, "stopped", {"products": "fabric"})
+    assert again == runs["stopped"] and "defectforge.end_reason" not in client.get_run(again).data.tags

@@ -158,7 +158,8 @@ class SweepConfig(_Strict):
     name: str | None = Field(None, description="sweep name; the same name + storage resumes; default sweep-<method>")
     space: str | None = Field(None, description="search-space YAML; default search_spaces/<method>.yaml")
     num_trials: int = Field(4, ge=1)
-    max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's resources hold")
+    max_concurrent: int | None = Field(None, ge=1, description="trials at once over the whole sweep (all studies); "
+                                          "default: what the cluster's resources hold")
     objective: str | None = Field(None, description="metric, or metric:mode,metric:mode for multi-objective; "
                                   "default seg_gain (max) when evaluation.segmentation, else kid (min)")
     mode: Literal["max", "min"] = "max"

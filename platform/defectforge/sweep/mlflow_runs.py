@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from ray.tune import Callback
 
 from defectforge import tracking
 from defectforge.sweep.objectives import objective_values
@@ -22,6 +23,7 @@ from defectforge.tracking import log_metrics  # noqa: F401  (re-exported for swe
 SWEEP_TAG = "defectforge.sweep"
 TRIAL_TAG = "defectforge.trial_id"
 RESULT_TAG = "defectforge.trial_result"
+END_REASON_TAG = "defectforge.end_reason"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -40,10 +42,14 @@ def parent_run(uri: str, experiment: str, sweep_name: str, cfg_dict: dict[str, A
 def child_run(uri: str, experiment: str, sweep_name: str, parent_id: str, trial_id: str,
               params: dict[str, Any]) -> str:
     """The trial's child run: found by trial id (a restarted trial) or created under the parent."""
-    run_id, _ = tracking.reopen_or_create_run(
+    run_id, created = tracking.reopen_or_create_run(
         uri, experiment, f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SWEEP_TAG}` = '{sweep_name}'",
         f"{sweep_name}-{trial_id}",
         {PARENT_TAG: parent_id, SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id, "defectforge.kind": "trial"}, params)
+    if not created:  # a restarted trial: why it ended last time no longer holds
+        client = mlflow.MlflowClient(uri)
+        if END_REASON_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, END_REASON_TAG)
     return run_id
 
 
@@ -57,6 +63,100 @@ def finish(uri: str, run_id: str, error: str | None = None, trial_result: dict[s
     if trial_result is not None:
         client.set_tag(run_id, RESULT_TAG, json.dumps(trial_result))
     client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+
+
+def close_child(uri: str, experiment: str, sweep_name: str, trial_id: str, status: str, reason: str,
+                replace: tuple[str, ...] = ("RUNNING",)) -> str | None:
+    """End the trial's child run ``status`` (FINISHED, FAILED, KILLED) with ``reason`` as the tag
+    ``defectforge.end_reason`` (and ``defectforge.error`` when FAILED); returns its run id, or None
+    when there is no such run or nothing to change.
+
+    Why: a trial that Tune stops (ASHA) or loses (its actor died, the driver was killed) never
+    reaches its own ``finish``; its run would stay RUNNING forever. ``only_running``: touch the run
+    ``replace``: the run statuses it may change (the Tune callback: only a RUNNING run; the
+    sweep-end pass also turns a FAILED run of a stopped trial into KILLED)."""
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                                                    f"tags.`{SWEEP_TAG}` = '{sweep_name}'", max_results=1)
+    if not found:
+        return None
+    run = found[0]
+    if run.info.status == status or run.info.status not in replace:
+        return None
+    client.set_tag(run.info.run_id, END_REASON_TAG, reason[:4000])
+    if status == "FAILED" and "defectforge.error" not in run.data.tags:
+        client.set_tag(run.info.run_id, "defectforge.error", reason[:4000])
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def close_study_runs(uri: str, experiment: str, sweep_name: str,
+                     outcomes: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """The sweep-end pass: every child run of study ``sweep_name`` ends as Tune says its trial did.
+
+    ``outcomes`` maps trial id -> (status, reason) from the study's final ResultGrid. A trial that
+    finished already closed its own run (left alone unless still RUNNING); an errored trial whose
+    run is still RUNNING becomes FAILED; a stopped trial becomes KILLED, also if its run was marked
+    FAILED while its actor was torn down (a FINISHED run holds a whole result and stays). A RUNNING child run whose trial id is not in the
+    ResultGrid belonged to a trial lost with a killed driver (Tune's state did not record it): it
+    becomes KILLED with that reason. Runs after a normal end and after a restore alike.
+    Returns {trial id: new status} of the runs it changed."""
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    changed = {}
+    for trial_id, (status, reason) in outcomes.items():
+        replace = ("RUNNING", "FAILED") if status == "KILLED" else ("RUNNING",)
+        if close_child(uri, experiment, sweep_name, trial_id, status, reason, replace=replace):
+            changed[trial_id] = status
+    runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}' and "
+                                                   "tags.`defectforge.kind` = 'trial' and attributes.status = 'RUNNING'")
+    for run in runs:
+        trial_id = run.data.tags.get(TRIAL_TAG)
+        if trial_id not in outcomes:
+            reason = ("its Tune trial was lost when the sweep driver was interrupted "
+                      "(not in the restored sweep's state)")
+            client.set_tag(run.info.run_id, END_REASON_TAG, reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+            changed[trial_id] = "KILLED"
+    return changed
+
+
+class CloseTrialRuns(Callback):
+    """Tune callback that closes a trial's child run as soon as Tune ends the trial.
+
+    ``on_trial_complete`` runs both for a trial whose function returned (its run is already
+    FINISHED: left alone) and for one the scheduler stopped (its run is still RUNNING: KILLED with
+    ``stopped_by`` and where it stopped as the reason). ``on_trial_error`` runs once a trial has
+    used up its retries: FAILED with Tune's error if the trial could not say so itself (its actor
+    died). Module-level so that Tune can pickle it into the sweep's state.
+    """
+
+    def __init__(self, uri: str, experiment: str, sweep_name: str, stopped_by: str):
+        self.uri, self.experiment, self.sweep_name, self.stopped_by = uri, experiment, sweep_name, stopped_by
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        where = f"training_iteration {last.get('training_iteration', '?')}"
+        if isinstance(last.get("loss"), (int, float)):
+            where += f", loss {last['loss']:.4g}"
+        close_child(self.uri, self.experiment, self.sweep_name, trial.trial_id, "KILLED",
+                    f"stopped by {self.stopped_by} at {where}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from defectforge.sweep.runner import _short_error
+
+        error = None
+        try:
+            error = trial.get_error()
+        except Exception:  # noqa: BLE001 - the reason is best effort; the run must still close
+            pass
+        close_child(self.uri, self.experiment, self.sweep_name, trial.trial_id, "FAILED",
+                    f"trial errored: {_short_error(error) or 'see the trial error file ' + str(trial.error_file)}")
 
 
 def finished_trial(uri: str, experiment: str, sweep_name: str, trial_id: str

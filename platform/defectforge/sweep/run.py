@@ -83,8 +83,7 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     if len(specs) == 1:
         rows_per_study = [run_study(specs[0])]
     else:  # one Tune driver per product, as Ray tasks: concurrent when the cluster has room
-        remote = ray.remote(num_cpus=0, max_retries=0)(run_study)
-        rows_per_study = ray.get([remote.remote(s) for s in specs])
+        rows_per_study = run_studies(specs, cfg)
 
     studies = []
     for spec, rows in zip(specs, rows_per_study):
@@ -110,6 +109,39 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
         Path(summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(summary_json).write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def run_studies(specs: list[StudySpec], cfg: ConfigBase) -> list[list[dict[str, Any]]]:
+    """Run the studies as Ray tasks (one Tune driver each), as many at once as the sweep may run
+    trials at once (``sweep.max_concurrent``, else what the cluster holds at the trials' peak),
+    each study getting its share of that concurrency. Returns each study's rows, in ``specs`` order.
+
+    Why not every study at once: a trial's evaluation is a Ray Data pipeline that needs whole CPUs
+    beside its actors; two studies' evaluations on a cluster that holds one starve each other's
+    read tasks for ever (seen on 2 CPUs: both products' first evaluations hung).
+    """
+    import dataclasses
+
+    import ray
+
+    from defectforge.sweep.runner import max_concurrent_trials
+
+    total = max_concurrent_trials(cfg)
+    at_once = min(len(specs), total)
+    share = max(1, total // at_once)
+    specs = [dataclasses.replace(s, cfg={**s.cfg, "sweep": {**s.cfg["sweep"], "max_concurrent": share}})
+             for s in specs]
+    if at_once < len(specs):
+        print(f"[sweep] {at_once} study(ies) at a time: the sweep runs at most {total} trial(s) at once", flush=True)
+    remote = ray.remote(num_cpus=0, max_retries=0)(run_study)
+    queue, running, rows = list(range(len(specs))), {}, {}
+    while queue or running:
+        while queue and len(running) < at_once:
+            i = queue.pop(0)
+            running[remote.remote(specs[i])] = i
+        [ready], _ = ray.wait(list(running), num_returns=1)
+        rows[running.pop(ready)] = ray.get(ready)
+    return [rows[i] for i in range(len(specs))]
 
 
 def ui_command(uri: str, run_root: Path) -> str:

@@ -106,6 +106,13 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
     params = {k: v for k, v in config.items() if k in space.parameters}
     cfg = space.apply(config_from_dict(spec.cfg), params)
     trial_id = tune.get_context().get_trial_id()
+    # A trial trains its own study's products, or nothing: Tune's record of the study this trial
+    # belongs to (its experiment) must be the spec's study, and the spec's config its products.
+    study = tune.get_context().get_experiment_name()
+    if study != spec.name or sorted(cfg.data.products or []) != sorted(spec.products):
+        raise RuntimeError(f"trial {trial_id} of study {study!r} was handed study {spec.name!r}'s spec "
+                           f"(products {spec.products}, data.products {cfg.data.products}); refusing to train "
+                           "another study's product")
     done = mlflow_runs.finished_trial(spec.uri, spec.experiment, spec.name, trial_id)
     if done is not None:
         # This trial finished (its MLflow run holds the result) but the driver died before Tune
@@ -120,6 +127,9 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
                                    {**params, "products": ",".join(spec.products)})
     try:
         data = load_training_data(cfg, spec.products)
+        if sorted(data.context.products) != sorted(spec.products):
+            raise RuntimeError(f"trial {trial_id} of study {spec.name!r} loaded products {list(data.context.products)}, "
+                               f"not its study's {spec.products}")
         # Train once, sweep many: trials whose training-relevant config is equal share one Train
         # run (named by its hash); only sampling-time fields differ between them (train/reuse.py).
         train_name = reuse.run_name(spec.name, cfg)
@@ -196,11 +206,22 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="loss", mode="min",
                                   max_t=n_reports + 1, grace_period=max(1, cfg.sweep.grace_period),
                                   reduction_factor=cfg.sweep.reduction_factor)
-    trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec), {"cpu": 0.01})
+    trainable = tune.with_resources(study_trainable(spec), {"cpu": 0.01})
     path = str(Path(spec.storage) / spec.name)
+    from defectforge.sweep import mlflow_runs
+
+    stopped_by = "ASHA" if scheduler is not None else "Tune (the sweep was stopped)"
+    close_runs = mlflow_runs.CloseTrialRuns(spec.uri, spec.experiment, spec.name, stopped_by)
     if tune.Tuner.can_restore(path):
         print(f"[sweep] {spec.name}: restoring the interrupted sweep from {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+        try:
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+        except ValueError as exc:
+            if "Invalid `trainable`" not in str(exc):
+                raise
+            raise ValueError(f"{path} was started by an older defectforge whose studies shared one trainable "
+                             "(their trials could train another study's product): it cannot be restored; start "
+                             f"the sweep again under another sweep.name or after removing {path}") from exc
     else:
         tuner = tune.Tuner(
             trainable,
@@ -208,7 +229,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
                                         max_concurrent_trials=max_concurrent_trials(cfg)),
             run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage,
                                       failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_max_failures),
-                                      verbose=1),
+                                      callbacks=[close_runs], verbose=1),
         )
     reuse.registry_handle(spec.name)  # created here, so no trial owns it
     try:
@@ -226,7 +247,30 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
                 row[k] = v
         row["status"] = "error" if res.error else ("done" if all(o.metric in row for o in objectives) else "stopped")
         rows.append(row)
+    # No child run outlives its trial: close what the callback could not (a restored sweep, a
+    # callback-less sweep state, a trial lost with a killed driver), as the ResultGrid says.
+    outcomes = {r["trial_id"]: {"done": ("FINISHED", "finished"),
+                                "error": ("FAILED", f"trial errored: {r['error']}"),
+                                "stopped": ("KILLED", f"stopped by {stopped_by}")}[r["status"]]
+                for r in rows if r["trial_id"]}
+    mlflow_runs.close_study_runs(spec.uri, spec.experiment, spec.name, outcomes)
     return rows
+
+
+def study_trainable(spec: StudySpec) -> Any:
+    """``_trial`` with this study's spec, under a name of its own: ``defectforge-trial-<study>``.
+
+    Why the name matters: Tune registers a trainable in a job-wide registry (GCS key-value store,
+    keyed by job id and the trainable's name) and builds every trial's actor from what is
+    registered under that name *when the actor starts*. Per-product studies are concurrent Ray
+    tasks of one job; under a shared name (``_trial``) the last study to register overwrote the
+    other's spec, and that study's later trials trained the other product (issue 19).
+    """
+    from ray import tune
+
+    fn = tune.with_parameters(_trial, spec=spec)
+    fn.__name__ = f"defectforge-trial-{spec.name}"  # what Tune registers it as (Experiment.get_trainable_name)
+    return fn
 
 
 def _short_error(err: Any) -> str | None:
