@@ -246,7 +246,7 @@ def _assert_each_trial_on_its_own_product(tmp_path: Path, uri: str, sweep: str, 
                 trained = json.loads(cfg_file.read_text())["context"]["products"]
                 assert trained == [product], f"{cfg_file}: trained on {trained}\n{detail}"
         for d in train_dirs:
-            assert d.startswith((f"{sweep}-fabric-gen-", f"{sweep}-metal-gen-")), d
+            assert d.startswith(tuple(f"{sweep}-{p}-gen-" for p in products)), d
     assert len(all_ids) == len(set(all_ids)), f"a trial id appears twice: {sorted(all_ids)}\n{detail}"
     assert sorted(d.rsplit("-", 1)[1] for d in train_dirs) == sorted(set(d.rsplit("-", 1)[1] for d in train_dirs))
     if summary is not None:
