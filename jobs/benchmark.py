@@ -79,22 +79,35 @@ def sequential(cfg, checkpoint: Path, rows, real, references, extractor_kind: st
     return out
 
 
-def bench_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="jobs/benchmark.py eval")
+def _ray(address: str | None) -> None:
+    """A fresh local cluster unless an address is given: another local cluster on this machine
+    (another user's tests) must neither be joined by accident nor slow the figures."""
+    import os
+
+    import ray
+
+    from defectforge.cluster import ensure_ray
+
+    ensure_ray(address or os.environ.get("RAY_ADDRESS") or "local")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="generator dir (default: a Crop-Paste checkpoint built from the data)")
     p.add_argument("--data", help="dataset root (default: built-in synthetic)")
     p.add_argument("--n-per-defect", type=int, default=16)
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--out", default=None, help="scratch dir (default: a temporary one)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
 
+
+def bench_eval(args: argparse.Namespace) -> dict:
+    """Plain loop vs Ray Data pipeline on the same conditions; returns the figures."""
     from defectforge.config import resolve_config
     from defectforge.evaluate.pipeline import PipelineSpec, conditions_rows, generated_from_checkpoint, run_pipeline
     from defectforge.evaluate.run import load_real
     from defectforge.methods.base import read_checkpoint_meta
     from defectforge.train.data import resolve_data_root
-    from defectforge.train.runner import ensure_ray
 
     scratch = Path(args.out or tempfile.mkdtemp(prefix="df-bench-"))
     method = read_checkpoint_meta(args.checkpoint)["method"] if args.checkpoint else "crop-paste"
@@ -109,43 +122,78 @@ def bench_eval(argv: list[str]) -> int:
     classes = {p: tuple(c) for p, c in context["classes"].items()}
     rows = conditions_rows(classes, args.n_per_defect)
     real = load_real(cfg, root, list(classes), int(context["resolution"]))
-    references: dict = defaultdict(lambda: {"centres": [], "masks": []})
-    for r in real["few_shot"]:
-        references[f"{r['product']}/{r['defect']}"]["centres"].append(r["image"])
-    for r in real["reference"]:
-        references[f"{r['product']}/{r['defect']}"]["masks"].append(r["mask"])
-    references = {k: {kk: np.stack(vv) for kk, vv in v.items()} for k, v in references.items()}
+    references = reference_sets(real)
 
     t = time.perf_counter()
     sequential(cfg, checkpoint, rows, real["reference"], references, "randfeat", "randnet")
     seq_s = time.perf_counter() - t
 
-    ensure_ray()
+    _ray(args.address)
     spec = PipelineSpec(extractor="randfeat", weights_dir=None, lpips_kind="randnet", num_actors=args.num_actors,
                         batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed)
     t = time.perf_counter()
-    gen_ds = generated_from_checkpoint(checkpoint, rows, spec, {"sampler": cfg.sampling.sampler,
-                                                                "steps": cfg.sampling.steps},
-                                       data_root=str(root), split=cfg.data.split.model_dump(mode="json"))
-    run_pipeline(gen_ds, real["reference"], references, spec, scratch / "artifacts")
+    gen = generated_from_checkpoint(checkpoint, rows, spec, {"sampler": cfg.sampling.sampler,
+                                                             "steps": cfg.sampling.steps},
+                                    data_root=str(root), split=cfg.data.split.model_dump(mode="json"))
+    result = run_pipeline(gen, real["reference"], references, spec, scratch / "artifacts")
     pipe_s = time.perf_counter() - t
 
-    print(f"[benchmark eval] {len(rows)} pairs ({method}), {len(real['reference'])} real reference images")
-    print(f"  sequential loop : {seq_s:8.2f} s")
-    print(f"  Ray Data pipeline: {pipe_s:8.2f} s  ({args.num_actors} actor(s) per stage)")
+    print(f"[benchmark eval] {len(rows)} pairs ({method}), {len(real['reference'])} real reference images, "
+          f"batch size {spec.batch_size}")
+    print(f"  sequential loop  : {seq_s:8.2f} s")
+    print(f"  Ray Data pipeline: {pipe_s:8.2f} s  ({args.num_actors} actor(s); "
+          + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()) + ")")
     print(f"  ratio pipeline/sequential: {pipe_s / seq_s:.2f}  (sequential/pipeline speed-up {seq_s / pipe_s:.2f}x)")
-    return 0
+    return {"benchmark": "eval", "pairs": len(rows), "method": method, "num_actors": args.num_actors,
+            "real_images": len(real["reference"]), "baseline": "sequential loop", "baseline_s": seq_s,
+            "measured": "Ray Data pipeline", "measured_s": pipe_s, "ratio": pipe_s / seq_s,
+            "pipeline_timings": result.timings}
 
 
-BENCHMARKS = {"eval": bench_eval}
+def reference_sets(real: dict) -> dict:
+    """``"product/defect" -> {"centres": few-shot train images, "masks": reference masks}`` (as evaluate does)."""
+    references: dict = defaultdict(lambda: {"centres": [], "masks": []})
+    for r in real["few_shot"]:
+        references[f"{r['product']}/{r['defect']}"]["centres"].append(r["image"])
+    for r in real["reference"]:
+        references[f"{r['product']}/{r['defect']}"]["masks"].append(r["mask"])
+    return {k: {kk: np.stack(vv) for kk, vv in v.items()} for k, v in references.items()}
+
+
+#: subcommand -> (add its arguments, run it and return its figures)
+BENCHMARKS = {"eval": (add_eval_args, bench_eval)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jobs/benchmark.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
+    for name, (add_args, _) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=f"the {name} benchmark")
+        p.add_argument("--json", metavar="PATH", help="also write the figures as JSON (for the README's table)")
+        p.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, else a fresh local one)")
+        add_args(p)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: python jobs/benchmark.py {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
-        return 2
-    return BENCHMARKS[argv[0]](argv[1:])
+    import os
+
+    args = build_parser().parse_args(argv)
+    load_start = os.getloadavg()[0]
+    figures = BENCHMARKS[args.benchmark][1](args)
+    load_end = os.getloadavg()[0]
+    print(f"  machine load (1-min average) at start {load_start:.1f}, at end {load_end:.1f} on {os.cpu_count()} CPUs")
+    if args.json:
+        import json
+        import platform
+
+        figures = {**figures, "argv": sys.argv[1:] if argv is None else argv, "cpus": os.cpu_count(),
+                   "load_avg_1m_start": load_start, "load_avg_1m_end": load_end, "machine": platform.machine(),
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=float) + "\n")
+        print(f"[benchmark] figures written to {args.json}")
+    return 0
 
 
 if __name__ == "__main__":

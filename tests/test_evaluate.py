@@ -27,31 +27,68 @@ def _cfg(synth_root, tmp_path, *overrides, method="crop-paste"):
         *overrides])
 
 
-# ------------------------------------------------------------------------------ streaming FID
-def test_aggregate_fid_stats_equal_in_memory(ray_session):
+# ------------------------------------------------------------------- pipeline vs plain loop
+def _plain_loop():
+    """``sequential`` of jobs/benchmark.py: the same evaluation work in one process, one batch after another."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("df_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pipeline_metrics_equal_plain_loop(ray_session, synth_root, tmp_path):
+    """One actor pass + driver-side statistics give the plain loop's FID/KID/IS/LPIPS/IC-LPIPS/mask
+    numbers per defect type, with 2 actors and a last generation batch that is not full (18 pairs, batch 4)."""
+    import pyarrow.parquet as pq
+
+    from defectforge.evaluate.pipeline import PipelineSpec, conditions_rows, generated_from_checkpoint, run_pipeline
+    from defectforge.evaluate.run import fidelity_and_diversity, load_real
+    from defectforge.methods.base import read_checkpoint_meta
+
+    bench = _plain_loop()
+    cfg = _cfg(synth_root, tmp_path, "sampling.batch_size=4")
+    checkpoint = bench._checkpoint(cfg, tmp_path)
+    context = read_checkpoint_meta(checkpoint)["context"]
+    classes = {p: tuple(c) for p, c in context["classes"].items()}
+    rows = conditions_rows(classes, 3)
+    real = load_real(cfg, synth_root, list(classes), int(context["resolution"]))
+    references = bench.reference_sets(real)
+    plain = bench.sequential(cfg, checkpoint, rows, real["reference"], references, "randfeat", "randnet")
+
+    spec = PipelineSpec(extractor="randfeat", weights_dir=None, lpips_kind="randnet", num_actors=2,
+                        batch_size=4, seed=cfg.sampling.seed)
+    gen = generated_from_checkpoint(checkpoint, rows, spec, {"sampler": cfg.sampling.sampler,
+                                                             "steps": cfg.sampling.steps},
+                                    data_root=str(synth_root), split=cfg.data.split.model_dump(mode="json"))
+    result = run_pipeline(gen, real["reference"], references, spec, tmp_path / "artifacts")
+    names = {"fid": "fid_randfeat", "kid": "kid_randfeat", "is": "is_randfeat", "lpips": "lpips_randnet",
+             "ic_lpips": "ic_lpips_randnet"}
+    metrics = fidelity_and_diversity(result, classes, names)
+
+    assert result.n_generated == len(rows) == 18
+    assert len(plain) == sum(len(d) for d in classes.values())
+    for (p, d), want in plain.items():
+        got = metrics["products"][p]["defects"][d]
+        assert got["n_generated"] == 3
+        for key, value in want.items():
+            assert got[names.get(key, key)] == pytest.approx(value, rel=1e-5, abs=1e-9), (p, d, key)
+    # the streamed statistics are those of the feature rows the driver holds
+    key = next(iter(result.stats))
+    np.testing.assert_allclose(result.stats[key].cov, GaussianStats.of(result.features[key]).cov, rtol=1e-9)
+    # the pair blocks: numpy dicts with the columns consumers read (segmentation, sample grid)
     import ray
 
-    from defectforge.evaluate.aggregate import GaussianStatsAgg, grouped_stats, unpack
-
-    rng = np.random.default_rng(0)
-    items = [{"product": f"p{i % 2}", "defect": f"d{i % 3}", "features": rng.normal(3.0, 2.0, 16)}
-             for i in range(120)]
-    ds = ray.data.from_items(items, override_num_blocks=7)
-    ref = GaussianStats.of(np.stack([r["features"] for r in items]))
-    whole = unpack(ds.aggregate(GaussianStatsAgg("features"))["gaussian(features)"])
-    assert whole.count == 120
-    np.testing.assert_allclose(whole.mean, ref.mean, rtol=1e-6)
-    np.testing.assert_allclose(whole.cov, ref.cov, rtol=1e-6)
-
-    groups = grouped_stats(ds, "features", ("product", "defect"), num_partitions=2)
-    assert len(groups) == 6
-    other = GaussianStats.of(rng.normal(0.0, 1.0, (50, 16)))
-    for key, stats in groups.items():
-        feats = np.stack([r["features"] for r in items if (r["product"], r["defect"]) == key])
-        mem = GaussianStats.of(feats)
-        assert stats.count == len(feats)
-        np.testing.assert_allclose(stats.cov, mem.cov, rtol=1e-6)
-        assert fid_from_stats(stats, other) == pytest.approx(fid_from_stats(mem, other), rel=1e-6)
+    blocks = ray.get(result.pair_refs)
+    assert all({"image", "mask", "product", "defect", "id"} <= set(b) for b in blocks)
+    assert sum(len(b["id"]) for b in blocks) == 18 and blocks[0]["image"].shape[1:] == (64, 64, 3)
+    assert pq.read_table(result.pairs_path).num_rows == 18
+    feats = pq.read_table(result.features_path)
+    assert feats.num_rows == 18 + len(real["reference"])
+    assert set(feats.column("source").to_pylist()) == {"generated", "real"}
 
 
 # ------------------------------------------------------------------------------ errors early

@@ -32,18 +32,38 @@ def _get(value: Any) -> Any:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-class GenerateActor:
-    """Conditions rows (``product``, ``defect``, ``index``) -> generated pairs, one checkpoint per actor.
+class EvalActor:
+    """One actor of the evaluation's single Ray Data pass: generation (if a checkpoint is given) AND
+    features + class logits, with every model loaded once in ``__init__``.
 
-    The batch seed is ``seed * 1_000_003 + first index``, so the pairs depend on the seed and on
-    which rows a batch holds, not on which actor ran it. Empty masks are redrawn as in
-    ``defectforge generate`` (``generate.sample_pairs``).
+    Why one class and not a generator pool feeding a feature pool: each actor is a fresh process that
+    imports torch, torchvision and the metric stack before its first batch (seconds on a small
+    machine, measured in the profile of issue 12); two pools paid that twice, a second Ray Data
+    execution for the real images a third time. Here every block of the one dataset, conditions
+    rows and real or already generated pairs alike, goes through the same actors.
+
+    Batches (``batch_size=None``: one input block = one batch):
+
+    * conditions rows (``product``, ``defect``, ``index``): one generation batch, seeded
+      ``seed * 1_000_003 + first index`` as in ``defectforge generate`` (``generate.sample_pairs``),
+      so the pairs depend on the seed and the rows, not on which actor ran them; empty masks are
+      redrawn. Output: the pairs (``source="generated"``) with their features.
+    * pairs (``image``, ``mask``, ...; real references or decoded generated pairs): their features;
+      real rows are returned without their pixels, which nothing downstream needs.
     """
 
-    def __init__(self, checkpoint: str, seed: int, sample_kwargs: dict[str, Any] | None = None,
-                 method_overrides: dict[str, Any] | None = None, data_root: str | None = None,
-                 split: dict[str, Any] | None = None, reject_empty: bool = True, max_attempts: int = 4,
-                 num_gpus: float = 0.0) -> None:
+    def __init__(self, kind: str, weights_dir: str | None = None, num_gpus: float = 0.0,
+                 generator: dict[str, Any] | None = None) -> None:
+        from defectforge.evaluate.metrics import make_extractor
+
+        self.extractor = make_extractor(kind, weights_dir, device=_device(num_gpus))
+        self.gen = None
+        if generator is not None:
+            self._load_generator(num_gpus=num_gpus, **generator)
+
+    def _load_generator(self, checkpoint: str, seed: int, num_gpus: float, sample_kwargs: dict[str, Any] | None = None,
+                        method_overrides: dict[str, Any] | None = None, data_root: str | None = None,
+                        split: dict[str, Any] | None = None, reject_empty: bool = True, max_attempts: int = 4) -> None:
         from defectforge.config import SplitConfig
         from defectforge.generate import ConditionSource
         from defectforge.methods.base import load_generator
@@ -55,9 +75,11 @@ class GenerateActor:
             self.gen, data_root, SplitConfig.model_validate(split) if split else None, seed=seed)
         self.seed, self.reject_empty, self.max_attempts = seed, reject_empty, max_attempts
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _generate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from defectforge.generate import GenerationPlan, sample_pairs
 
+        if self.gen is None:
+            raise ValueError("EvalActor got conditions rows but no generator checkpoint")
         index = np.asarray(batch["index"]).astype(np.int64)
         plan = GenerationPlan([str(p) for p in batch["product"]], [str(d) for d in batch["defect"]])
         rows, _ = sample_pairs(self.gen, plan, self.seed * 1_000_003 + int(index[0]), batch_size=len(index),
@@ -72,6 +94,18 @@ class GenerateActor:
             "split": np.asarray(["synthetic"] * len(rows)),
             "source": np.asarray([GENERATED] * len(rows)),
         }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self._generate(batch) if "index" in batch else dict(batch)
+        images = np.asarray(out["image"])
+        if len(images):
+            out["features"] = self.extractor.features(images).astype(np.float64)
+            out["logits"] = self.extractor.logits(images).astype(np.float64)
+        else:  # a block emptied by an upstream filter
+            out["features"] = out["logits"] = np.zeros((0, 0), np.float64)
+        if len(images) and str(out["source"][0]) == REAL:  # pixels of real rows are not needed downstream
+            out = {k: v for k, v in out.items() if k not in ("image", "mask")}
+        return out
 
 
 def decode_refs(batch: dict[str, np.ndarray], classes: dict[str, list[str]], resolution: int) -> dict[str, np.ndarray]:
@@ -95,20 +129,31 @@ def decode_refs(batch: dict[str, np.ndarray], classes: dict[str, list[str]], res
     }
 
 
-class FeatureActor:
-    """Images -> feature rows and class logits of the configured extractor (pass-through otherwise)."""
+_LPIPS: dict[tuple[str, str | None, str], Any] = {}
 
-    def __init__(self, kind: str, weights_dir: str | None = None, num_gpus: float = 0.0) -> None:
-        from defectforge.evaluate.metrics import make_extractor
 
-        self.extractor = make_extractor(kind, weights_dir, device=_device(num_gpus))
+def cached_lpips(kind: str, weights_dir: str | None, device: str) -> Any:
+    """The LPIPS model of this worker process, built on first use.
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = np.asarray(batch["image"])
-        out = dict(batch)
-        out["features"] = self.extractor.features(images).astype(np.float64)
-        out["logits"] = self.extractor.logits(images).astype(np.float64)
-        return out
+    Why a process-level cache: the diversity runs as one Ray task per (product, defect), and Ray
+    runs a caller's queued tasks in the same leased worker; rebuilding LPIPS (and re-reading
+    its weights) per task cost ~0.6 s each in the profile of issue 12. The model is read-only here.
+    """
+    key = (kind, weights_dir, device)
+    if key not in _LPIPS:
+        from defectforge.evaluate.metrics import build_lpips
+
+        _LPIPS[key] = build_lpips(kind, weights_dir, device=device)
+    return _LPIPS[key]
+
+
+def warm_diversity(kind: str, weights_dir: str | None, num_gpus: float) -> str:
+    """Build this worker's LPIPS model (``cached_lpips``) ahead of the diversity tasks.
+
+    Run as a Ray task on a CPU the actor pass leaves idle: the worker imports torch and the metric
+    stack while the actors generate, and Ray hands it the diversity tasks that follow.
+    """
+    return cached_lpips(kind, weights_dir, _device(num_gpus)).name
 
 
 def diversity_of_group(product: str, defect: str, references: Any, lpips_kind: str, weights_dir: str | None,
@@ -134,9 +179,7 @@ class DiversityFn:
 
     def __init__(self, lpips_kind: str, weights_dir: str | None, references: Any, max_pairs: int | None = 2000,
                  num_gpus: float = 0.0) -> None:
-        from defectforge.evaluate.metrics import build_lpips
-
-        self.lpips = build_lpips(lpips_kind, weights_dir, device=_device(num_gpus))
+        self.lpips = cached_lpips(lpips_kind, weights_dir, _device(num_gpus))
         self.references = _get(references)
         self.max_pairs = max_pairs
 

@@ -1,26 +1,40 @@
-"""The evaluation pipeline on Ray Data: conditions -> generator actors -> feature actors -> aggregation.
+"""The evaluation pipeline on Ray Data: ONE dataset, ONE pass through ONE actor pool.
 
 Shape of one run::
 
-    conditions rows (product, defect, index)
-        | map_batches(GenerateActor, ActorPool)
-        v
-    generated pairs (source="generated")         real reference rows (source="real")
-        | map_batches(FeatureActor, ActorPool)       | map_batches(FeatureActor, ActorPool)
-        v   materialize() (blocks stay in the object store, never on the driver)
-        +--> generated pairs  -> Parquet  <artifacts>/pairs/
-        +--> feature rows of both (union) -> Parquet  <artifacts>/features/
-        +--> groupby(source, product, defect).aggregate(GaussianStatsAgg)  -> FID statistics
-        +--> feature columns only -> KID (needs every feature) and IS (logits)
-        +--> generated, one Ray task per (product, defect): LPIPS, IC-LPIPS, mask quality
+    conditions blocks (product, defect, index; one block = one generation batch)
+      U real reference blocks (image, mask, ...; source="real")
+        | map_batches(EvalActor, ActorPoolStrategy(num_actors), batch_size=None)
+        |   generator, feature extractor loaded once per actor; generate -> features + logits
+        v   output blocks stream to the driver as object refs (iter_internal_ref_bundles)
+    per output block, one small Ray task (``finish_block``): its Parquet files
+        (<artifacts>/pairs/, <artifacts>/features/), the pair columns as a numpy dict in the object
+        store (``PipelineResult.pair_refs``), and its feature rows back to the driver
+    driver: feature rows -> GaussianStats per (source, product, defect) (FID), KID / IS inputs
+    one Ray task per (product, defect): LPIPS, IC-LPIPS, mask quality, from the pair blocks
 
 An existing folder (MVTec layout, as ``defectforge generate`` writes) or Parquet file of generated
-pairs replaces the first stage: the folder's files are decoded by Ray tasks (``decode_refs``).
+pairs replaces the conditions blocks: the folder's files are decoded by Ray tasks (``decode_refs``)
+and go through the same actors for their features.
 
-Why two feature passes and not one over a union of both sets: filtering a union back apart leaves
-empty blocks, whose empty schema breaks Ray 2.60's hash-shuffle reduce in ``map_groups``. CPU budget: every actor asks
-for at most one CPU, and less when the cluster is small, so one CPU always stays free for the
-read / filter / write tasks (else the streaming executor stalls, DESIGN.md).
+Where the time went before (issue 12, profile on this 2-CPU machine): a generator pool feeding a
+feature pool, a second execution with a third pool for the real images, ``materialize`` +
+``select_columns`` + two ``write_parquet`` executions, a repartition + hash-shuffle aggregation for
+the FID statistics, and a fresh LPIPS model per diversity task. Each actor pool and each fresh
+worker pays seconds of imports (torch, torchvision, the metric stack) before its first row; each
+execution pays scheduling and, for the shuffle, dozens of tasks. What remains is the work itself.
+
+Why the FID statistics are summed on the driver and not by a distributed aggregation: KID needs
+every feature row in one place anyway (and IS every logit row), so the rows come to the driver in
+any case; a shuffle only added tasks. Only feature rows travel there (D floats + C logits per
+image), never pixels: the pixels stay in the object store (``pair_refs``) and are read by the
+diversity and segmentation tasks where they run.
+
+Scaling out: the actor pool is the unit of parallelism. On a cluster, ``evaluation.num_actors``
+actors (each ``num_gpus_per_actor`` GPUs or up to one CPU) run on whichever nodes have room; the
+conditions blocks are spread over them by Ray Data's streaming executor, and blocks stay in the
+object store of the node that made them until a diversity / segmentation task on some node reads
+them. The driver's share grows with the number of images only by their feature rows.
 """
 
 from __future__ import annotations
@@ -35,14 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from defectforge.evaluate.actors import GENERATED, REAL, FeatureActor, GenerateActor, decode_refs, diversity_of_group
-from defectforge.evaluate.aggregate import grouped_stats
 from defectforge.cluster import outside_placement_group
+from defectforge.evaluate.actors import GENERATED, REAL, EvalActor, decode_refs, diversity_of_group, warm_diversity
+from defectforge.evaluate.blocks import FEATURE_COLUMNS, PAIR_COLUMNS, finish_block  # noqa: F401 (re-exported)
 from defectforge.evaluate.metrics import GaussianStats
 
-PAIR_COLUMNS = ["image", "mask", "product", "defect", "id", "split"]
-SHUFFLE_PARTITIONS = 4
-FEATURE_COLUMNS = ["source", "product", "defect", "id", "features", "logits"]
 
 
 @dataclass
@@ -59,6 +70,18 @@ class PipelineSpec:
 
 
 @dataclass
+class GeneratorSource:
+    """Conditions rows to generate from, and how ``EvalActor`` loads the generator.
+
+    Generation happens inside the evaluation's one actor pass (``run_pipeline``), not in a pool of
+    its own: this is only the input and the actors' constructor arguments.
+    """
+
+    conditions: Any                # Ray Dataset: one block per generation batch
+    generator: dict[str, Any]      # EvalActor(generator=...)
+
+
+@dataclass
 class PipelineResult:
     """Everything the metrics need; images stay in Ray's object store (``pair_refs``)."""
 
@@ -66,23 +89,28 @@ class PipelineResult:
     features: dict[tuple[str, str, str], np.ndarray]
     logits: dict[tuple[str, str, str], np.ndarray]
     diversity: list[dict[str, Any]]
-    pair_refs: list[Any]                                    # ObjectRefs of generated-pair blocks
+    pair_refs: list[Any]      # ObjectRefs of numpy dicts: image, mask, product, defect, id, split
     pairs_path: Path
     features_path: Path
     n_generated: int
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def actor_cpus(num_actors: int, pools: int = 2) -> float:
-    """CPUs per actor: 1, or less so that ``pools`` pools of ``num_actors`` leave one CPU free."""
+def actor_cpus(num_actors: int, reserve: float = 1.0) -> float:
+    """CPUs per actor: 1, or less so that ``num_actors`` actors leave ``reserve`` CPUs free.
+
+    A reserve is needed only when the pass has Ray Data tasks upstream of the actors (decoding a
+    folder of pairs): with every CPU held by actors those tasks would never run (DESIGN.md). The
+    checkpoint path has none: its input blocks are already in the object store.
+    """
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    share = (total - 1.0) / max(pools * num_actors, 1)
+    share = (total - reserve) / max(num_actors, 1)
     return float(min(1.0, max(0.25, math.floor(share * 4) / 4)))
 
 
-def _map_kwargs(spec: PipelineSpec, pools: int = 2) -> dict[str, Any]:
+def _map_kwargs(spec: PipelineSpec, reserve: float) -> dict[str, Any]:
     import ray
 
     kwargs: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=spec.num_actors),
@@ -90,7 +118,7 @@ def _map_kwargs(spec: PipelineSpec, pools: int = 2) -> dict[str, Any]:
     if spec.num_gpus_per_actor > 0:
         kwargs["num_gpus"] = spec.num_gpus_per_actor
     else:
-        kwargs["num_cpus"] = actor_cpus(spec.num_actors, pools)
+        kwargs["num_cpus"] = actor_cpus(spec.num_actors, reserve)
     return kwargs
 
 
@@ -105,18 +133,21 @@ def conditions_rows(classes: dict[str, tuple[str, ...]], n_per_defect: int) -> l
 def generated_from_checkpoint(checkpoint: str | Path, rows: list[dict[str, Any]], spec: PipelineSpec,
                               sample_kwargs: dict[str, Any] | None = None, data_root: str | None = None,
                               split: dict[str, Any] | None = None, reject_empty: bool = True,
-                              max_attempts: int = 4, method_overrides: dict[str, Any] | None = None) -> Any:
-    """Lazy dataset of generated pairs: conditions rows through ``GenerateActor`` actors."""
+                              max_attempts: int = 4, method_overrides: dict[str, Any] | None = None
+                              ) -> GeneratorSource:
+    """Conditions rows in blocks of ``spec.batch_size`` (one block = one generation batch, the
+    same batches as ``defectforge generate`` and a plain loop make) and the generator's arguments."""
+    import pyarrow as pa
     import ray
 
-    n_blocks = max(1, min(len(rows), math.ceil(len(rows) / spec.batch_size)))
-    return ray.data.from_items(rows, override_num_blocks=n_blocks).map_batches(
-        GenerateActor, batch_size=spec.batch_size,
-        fn_constructor_kwargs={"checkpoint": str(checkpoint), "seed": spec.seed, "sample_kwargs": sample_kwargs,
-                               "method_overrides": method_overrides, "data_root": data_root, "split": split,
-                               "reject_empty": reject_empty, "max_attempts": max_attempts,
-                               "num_gpus": spec.num_gpus_per_actor},
-        **_map_kwargs(spec))
+    if not rows:
+        raise ValueError("no conditions rows to generate from (no products / defect types?)")
+    bs = spec.batch_size
+    tables = [pa.Table.from_pylist(rows[s:s + bs]) for s in range(0, len(rows), bs)]
+    return GeneratorSource(ray.data.from_arrow(tables), {
+        "checkpoint": str(checkpoint), "seed": spec.seed, "sample_kwargs": sample_kwargs,
+        "method_overrides": method_overrides, "data_root": data_root, "split": split,
+        "reject_empty": reject_empty, "max_attempts": max_attempts})
 
 
 def generated_from_path(path: str | Path, products: list[str] | None, resolution: int,
@@ -202,73 +233,91 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
                  spec: PipelineSpec, artifacts: str | Path) -> PipelineResult:
     """Features, FID statistics, KID/IS inputs and diversity for ``generated`` vs ``real_rows``.
 
-    ``real_rows``: the real reference set (defective images of the evaluated products);
-    ``references``: ``"product/defect" -> {"centres", "masks"}`` for IC-LPIPS and mask quality.
+    ``generated``: a ``GeneratorSource`` (``generated_from_checkpoint``) or a Ray Dataset of pairs
+    (``generated_from_path``); ``real_rows``: the real reference set (defective images of the
+    evaluated products); ``references``: ``"product/defect" -> {"centres", "masks"}`` for IC-LPIPS
+    and mask quality.
     """
     import ray
 
     artifacts = Path(artifacts)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    if not real_rows:
+        raise ValueError("no real reference images to compare the generated pairs with")
     real = [{"image": r["image"], "mask": r["mask"], "product": r["product"], "defect": r["defect"],
              "id": str(r["id"]), "split": str(r["split"]), "source": REAL} for r in real_rows]
     real_ds = ray.data.from_items(real, override_num_blocks=max(1, math.ceil(len(real) / spec.batch_size)))
-    feature_kwargs = dict(batch_size=spec.batch_size,
-                          fn_constructor_kwargs={"kind": spec.extractor, "weights_dir": spec.weights_dir,
-                                                 "num_gpus": spec.num_gpus_per_actor}, **_map_kwargs(spec))
-    # Generated pairs stream from the generator actors into the feature actors in one execution.
-    pairs_featured = generated.map_batches(FeatureActor, **feature_kwargs).materialize()
-    timings["generate_and_features_s"] = time.perf_counter() - t0
-    real_featured = real_ds.map_batches(FeatureActor, **feature_kwargs).materialize()
-    timings["real_features_s"] = time.perf_counter() - t0 - timings["generate_and_features_s"]
+    if isinstance(generated, GeneratorSource):
+        inputs, generator, reserve = generated.conditions, generated.generator, 0.0
+    else:  # pairs decoded by Ray tasks upstream of the actors: leave them a CPU
+        inputs, generator, reserve = generated, None, 1.0
+    map_kwargs = _map_kwargs(spec, reserve)
+    ds = inputs.union(real_ds).map_batches(
+        EvalActor, batch_size=None,
+        fn_constructor_kwargs={"kind": spec.extractor, "weights_dir": spec.weights_dir,
+                               "num_gpus": spec.num_gpus_per_actor, "generator": generator},
+        **map_kwargs)
+    # CPUs the actors leave idle prepare the diversity stage meanwhile (imports + LPIPS model).
+    idle = 0 if spec.num_gpus_per_actor > 0 else int(
+        ray.available_resources().get("CPU", 0.0) - reserve - spec.num_actors * map_kwargs["num_cpus"])
+    warm = ray.remote(num_cpus=1, scheduling_strategy=outside_placement_group())(warm_diversity)
+    warming = [warm.remote(spec.lpips_kind, spec.weights_dir, 0.0) for _ in range(max(0, idle))]
+
+    pairs_path, features_path = artifacts / "pairs", artifacts / "features"
+    for folder in (pairs_path, features_path):  # a re-run must not mix old parts with new ones
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    finish = ray.remote(num_returns=2, scheduling_strategy=outside_placement_group())(finish_block)
+    finished = []
+    for bundle in ds.iter_internal_ref_bundles():  # streams while the actors work
+        slices = getattr(bundle, "slices", None) or [None] * len(bundle.block_refs)
+        for ref, meta, piece in zip(bundle.block_refs, bundle.metadata, slices):
+            if meta.num_rows == 0:
+                continue
+            bounds = (piece.start_offset, piece.end_offset) if piece is not None else (None, None)
+            finished.append(finish.remote(ref, *bounds, len(finished), str(pairs_path), str(features_path)))
+    timings["actor_pass_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    pairs = pairs_featured.select_columns(PAIR_COLUMNS).materialize()
-    n_generated = pairs.count()
-    if n_generated == 0:
-        raise ValueError("the pipeline generated no pairs")
-    pairs_path, features_path = artifacts / "pairs", artifacts / "features"
-    for stale in (pairs_path, features_path):  # write_parquet appends; a re-run must not duplicate rows
-        shutil.rmtree(stale, ignore_errors=True)
-    pairs.write_parquet(str(pairs_path))
-    feats = pairs_featured.select_columns(FEATURE_COLUMNS).union(
-        real_featured.select_columns(FEATURE_COLUMNS)).materialize()
-    feats.write_parquet(str(features_path))
-    timings["write_parquet_s"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    # A few hash partitions: there are only (products x defect types x 2) groups, and Ray's
-    # default of 200 partitions costs seconds of empty tasks on a small cluster.
-    stats = grouped_stats(feats, "features", ("source", "product", "defect"), num_partitions=SHUFFLE_PARTITIONS)
-    timings["fid_stats_s"] = time.perf_counter() - t2
-
-    # KID needs every feature row and IS every logit row: feature columns only, never images.
+    stats: dict[tuple[str, str, str], GaussianStats] = defaultdict(GaussianStats)
     features: dict[tuple[str, str, str], list[np.ndarray]] = defaultdict(list)
     logits: dict[tuple[str, str, str], list[np.ndarray]] = defaultdict(list)
-    for batch in feats.select_columns(["source", "product", "defect", "features", "logits"]).iter_batches(
-            batch_size=1024, batch_format="numpy"):
-        for s, p, d, f, lg in zip(batch["source"], batch["product"], batch["defect"], batch["features"],
-                                  batch["logits"]):
-            features[(str(s), str(p), str(d))].append(f)
-            logits[(str(s), str(p), str(d))].append(lg)
+    pair_refs, n_generated = [], 0
+    for pairs_ref, feats_ref in finished:
+        block = ray.get(feats_ref)
+        keys = list(zip(np.asarray(block["source"]).astype(str), np.asarray(block["product"]).astype(str),
+                        np.asarray(block["defect"]).astype(str)))
+        f, lg = np.asarray(block["features"], np.float64), np.asarray(block["logits"], np.float64)
+        for key in dict.fromkeys(keys):  # each group of the block, in first-seen order
+            rows = np.asarray([k == key for k in keys])
+            stats[key].update(f[rows])
+            features[key].append(f[rows])
+            logits[key].append(lg[rows])
+        if keys and keys[0][0] == GENERATED:
+            pair_refs.append(pairs_ref)
+            n_generated += len(keys)
+    if n_generated == 0:
+        raise ValueError("the pipeline generated no pairs")
+    timings["features_to_driver_s"] = time.perf_counter() - t1
 
     t3 = time.perf_counter()
     # One Ray task per (product, defect): each reads the pair blocks from the object store and keeps
     # its group. Tasks release their CPU when done, unlike a hash shuffle feeding an actor pool,
     # which deadlocked when the pool's actor and the shuffle's tasks wanted the same two CPUs.
-    pair_refs = pairs.select_columns(["image", "mask", "product", "defect", "id"]).to_numpy_refs()
     groups = sorted({k[1:] for k in features if k[0] == GENERATED})
     task = ray.remote(num_cpus=1, num_gpus=spec.num_gpus_per_actor or None,
                       scheduling_strategy=outside_placement_group())(diversity_of_group)
     references_ref = ray.put(references)
     diversity = ray.get([task.remote(p, d, references_ref, spec.lpips_kind, spec.weights_dir,
                                      spec.num_gpus_per_actor, *pair_refs) for p, d in groups])
+    ray.get(warming)  # done long since; surfaces a failure to build the model
     timings["diversity_s"] = time.perf_counter() - t3
     timings["pipeline_s"] = time.perf_counter() - t0
     return PipelineResult(
-        stats=stats,
-        features={k: np.stack(v) for k, v in features.items()},
-        logits={k: np.stack(v) for k, v in logits.items()},
+        stats=dict(stats),
+        features={k: np.concatenate(v) for k, v in features.items()},
+        logits={k: np.concatenate(v) for k, v in logits.items()},
         diversity=[{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()} for r in diversity],
-        pair_refs=pairs.to_numpy_refs(), pairs_path=pairs_path, features_path=features_path,
+        pair_refs=pair_refs, pairs_path=pairs_path, features_path=features_path,
         n_generated=int(n_generated), timings=timings)
