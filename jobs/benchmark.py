@@ -160,8 +160,76 @@ def reference_sets(real: dict) -> dict:
     return {k: {kk: np.stack(vv) for kk, vv in v.items()} for k, v in references.items()}
 
 
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="laptop", choices=("tiny", "laptop", "paper"))
+    p.add_argument("--method", default="defect-gen")
+    p.add_argument("--steps", type=int, default=12, help="timed training steps (after 3 warm-up steps)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a sweep trial gets 1)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _matmul_rate(threads: int, n: int = 1024, reps: int = 20) -> float:
+    """fp32 GFLOP/s of a square matmul on ``threads`` threads: the machine's attainable dense rate."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    """A training step's achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one step,
+    forward + backward) as a fraction of the one-thread matmul rate, both measured in this run."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from defectforge.config import resolve_config
+    from defectforge.methods.base import build_generator
+    from defectforge.train.data import StepBatches, load_training_data, rows_to_tensors
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = resolve_config(args.method, args.preset, None, [f"tracking.run_root={tmp}", *args.overrides])
+        data = load_training_data(cfg, [cfg.data.products[0]] if cfg.data.products else None)
+    gen = build_generator(cfg.method, data.context)
+    stage = gen.stages()[0]
+    params = [p for p in gen.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+    batches = StepBatches(rows_to_tensors(data.rows, data.context), cfg.train.batch_size, 0, 0)
+
+    def step(i: int) -> None:
+        torch.manual_seed(i)
+        loss = gen.training_step(batches(i, torch.device("cpu")), stage.name)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step(0)
+    flops = counter.get_total_flops()
+    for i in range(1, 3):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(3, 3 + args.steps):
+        step(i)
+    per_step = (time.perf_counter() - t0) / args.steps
+    matmul = _matmul_rate(args.threads)
+    achieved = flops / per_step / 1e9
+    figures = {"preset": args.preset, "threads": args.threads, "step_s": per_step, "gflop_per_step": flops / 1e9,
+               "achieved_gflops": achieved, "matmul_gflops": matmul, "fraction_of_matmul": achieved / matmul}
+    print(f"[benchmark] train {args.method}/{args.preset}, batch {cfg.train.batch_size}, {args.threads} thread(s): "
+          f"{per_step:.3f} s/step, {flops / 1e9:.2f} GFLOP/step -> {achieved:.1f} GFLOP/s; "
+          f"matmul {matmul:.1f} GFLOP/s; fraction of matmul rate {achieved / matmul:.2f}")
+    return figures
+
+
 #: subcommand -> (add its arguments, run it and return its figures)
-BENCHMARKS = {"eval": (add_eval_args, bench_eval)}
+BENCHMARKS = {"eval": (add_eval_args, bench_eval), "train": (add_train_args, bench_train)}
 
 
 def build_parser() -> argparse.ArgumentParser:

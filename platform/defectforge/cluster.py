@@ -29,6 +29,10 @@ def ensure_ray(address: str | None = None) -> None:
         print(f"[cluster] defectforge is not installed on the cluster: shipping {package} to the workers "
               "(runtime_env py_modules)", flush=True)
         runtime_env = {"py_modules": [str(package)]}
+    # Ray Train gives a worker group 60 s to start; on a busy 2-CPU machine (two sweep trials
+    # importing torch at once while an evaluation runs) that failed a trial measured here. A local
+    # cluster started below inherits this environment; a remote one keeps its own setting.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, runtime_env=runtime_env)
 
 
