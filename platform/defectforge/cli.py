@@ -218,18 +218,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_reporting_user_errors(fn: Callable[[], int | None]) -> int:
-    """Call ``fn``; user errors (bad config, data, checkpoint, tracking URI) print one clear line
-    and return 2, anything else is a bug and keeps its traceback. Shared with ``jobs/*.py``."""
+    """Call ``fn``; a ``DefectforgeError`` (bad config, data, checkpoint, output folder, tracking
+    URI, device) prints ``error: <message>`` to stderr and returns 2. Anything else is a bug and
+    keeps its traceback (a ``KeyError`` from a bug must not pass for a user error). Shared with
+    ``jobs/*.py``."""
+    from defectforge.errors import DefectforgeError
+
     try:
         return int(fn() or 0)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-        from defectforge.methods.base import CheckpointError
-        from defectforge.tracking import TrackingError
-
-        if isinstance(exc, RuntimeError) and not isinstance(exc, (CheckpointError, TrackingError)):
-            raise
-        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {text}", file=sys.stderr)
+    except DefectforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

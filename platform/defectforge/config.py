@@ -28,8 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 PRESETS = ("tiny", "laptop", "paper")
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with the offending field (and file) in the message."""
+from defectforge.errors import ConfigError  # noqa: E402  (re-exported: ``config.ConfigError``)
 
 
 class _Strict(BaseModel):
