@@ -145,7 +145,7 @@ def _is_empty(folder: Path) -> bool:
 
 
 def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False, resumable: bool = False,
-                 flag: str = "--out", legacy: tuple[str, ...] = ()) -> tuple[Path, bool]:
+                 flag: str = "--out", legacy: tuple[str, ...] = (), create: bool = True) -> tuple[Path, bool]:
     """Claim ``out`` for an output of ``kind``; returns (folder, resumed).
 
     * new or empty folder -> created, marked, writable (checked); resumed=False;
@@ -154,6 +154,10 @@ def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False
     * ``legacy`` names a file/folder whose presence marks an unmarked folder as an output of this
       kind written by an earlier version (e.g. ``mlflow.db`` in a run root): it is marked and used;
     * otherwise ``OutputError`` naming the folder, what it holds and what to do.
+
+    ``create=False`` runs every check (refusals, writability of the folder or of its nearest
+    existing parent) and changes nothing: commands call it before expensive work and claim for
+    real just before writing.
     """
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
@@ -162,16 +166,23 @@ def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False
         mark = read_marker(folder)
         if mark is None and legacy and any((folder / name).exists() for name in legacy):
             mark = {"kind": kind}
-            _write_marker(folder, kind)
+            if create:
+                _write_marker(folder, kind)
         if mark is None:
             raise OutputError(
                 f"{flag} {folder}: folder is not empty and was not created by defectforge (holds "
                 f"{_listing(folder)}); refusing to write into it or delete it, even with --overwrite. "
                 "Choose a new or empty folder")
         if overwrite:
+            if not create:
+                check_output_parent(folder, flag)
+                return folder, False
             shutil.rmtree(folder)
         elif mark.get("kind") == kind and resumable:
-            check_writable(folder)
+            if create:
+                check_writable(folder)
+            else:
+                check_output_parent(folder, flag)
             return folder, True
         elif mark.get("kind") == kind:
             raise OutputError(
@@ -181,7 +192,13 @@ def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False
             raise OutputError(
                 f"{flag} {folder}: holds a defectforge {mark.get('kind')!r} output, not a {kind!r} one "
                 f"({_listing(folder)}). Choose another folder (or --overwrite to replace it whole)")
-    check_writable(folder)
+    if not create:
+        check_output_parent(folder, flag)
+        return folder, False
+    try:
+        check_writable(folder)
+    except OutputError as exc:
+        raise OutputError(f"{flag} {exc}") from None
     _write_marker(folder, kind)
     return folder, False
 
