@@ -321,6 +321,8 @@ def _format_errors(exc: ValidationError, source: str | None) -> str:
         if named:  # a model validator that names its field: report the field's dotted path
             loc, msg = f"{loc}.{named.group(1)}" if loc else named.group(1), named.group(2)
         lines.append(f"  {loc or '<root>'}: {msg}{shown}")
+    if len(lines) == 1:  # the usual case: one line, so the CLI prints one line
+        return f"invalid configuration{where}: {lines[0].strip()}"
     return f"invalid configuration{where}:\n" + "\n".join(lines)
 
 

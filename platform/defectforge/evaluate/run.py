@@ -316,6 +316,8 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
 
     if (checkpoint is None) == (generated is None):
         raise ConfigError("evaluate: pass exactly one of checkpoint (a generator dir) or generated (pairs)")
+    if name is not None:  # it becomes a folder name under <run_root>/evaluations
+        safe_component(name, "evaluation name (--name)", error=ConfigError)
     t_start = time.perf_counter()
     ev = cfg.evaluation
     method, context = _source_meta(checkpoint, generated)
@@ -330,8 +332,6 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
         products, resolution = None, cfg.data.resolution
 
     run_root = Path(cfg.tracking.run_root).resolve()
-    if name is not None:
-        safe_component(name, "evaluation name (--name)", error=ConfigError)
     if not out:
         claim_output(run_root, "run-root", resumable=True, flag="tracking.run_root", legacy=("mlflow.db", "ray"))
     out_dir = Path(out).resolve() if out else run_root / "evaluations" / (
