@@ -380,7 +380,7 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu",
     try:
         config = cls.config_class.model_validate(cfg_dict)
     except ValidationError as exc:
-        raise ConfigError(f"method override(s) {sorted(method_overrides or {})}: {_first_error(exc)}") from None
+        raise ConfigError(f"invalid method override: {_first_error(exc)}") from None
     try:
         gen = cls(config, GeneratorContext.from_json(meta["context"])).to(device)
     except (ValueError, KeyError, TypeError) as exc:  # e.g. a context the method cannot build
@@ -391,14 +391,20 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu",
     return gen
 
 
-def _first_error(exc: Any) -> str:
+def _first_error(exc: Any, prefix: str = "method") -> str:
+    """The first pydantic error as ``method.<field>: <message>`` (more errors counted)."""
+    import re
+
     errs = exc.errors()
     if not errs:
         return str(exc)
     e = errs[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+    loc, msg = ".".join(str(p) for p in e["loc"]), e["msg"]
+    named = re.match(r"Value error, field '([^']+)': (.*)", msg, re.S)
+    if named:
+        loc, msg = ".".join(p for p in (loc, named.group(1)) if p), named.group(2)
     more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
-    return f"{loc}: {e['msg']}{more}"
+    return f"{prefix}.{loc}: {msg}{more}" if loc else f"{prefix}: {msg}{more}"
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
