@@ -517,3 +517,18 @@ def test_fifo_named_png_is_reported_and_never_opened(world, capsys):
     problems = {str(p): why for p, why in report.bad}
     assert "FIFO" in problems[str(fifo)] and "FIFO" in problems[str(mask_fifo)]
     assert report.n_images == 40 + 10 + 3 * 12  # the FIFO is not counted as an image
+
+
+# ------------------------------------------------------------------------------ evaluate
+def test_evaluate_refuses_a_foreign_out_and_an_unsafe_name_before_ray(world, ckpt, capsys):
+    before, ray_before = listing(world), _ray_started()
+    base = ["evaluate", "--checkpoint", ckpt, "--data", world / "data", "--no-mlflow",
+            "evaluation.feature_extractor=randfeat", f"tracking.run_root={world / 'runs'}"]
+    code, err = run(base + ["--out", world / "data", "--overwrite"], capsys)
+    assert code == 2
+    one_line_error(err, str(world / "data"), "not created by defectforge")
+    code, err = run(base + ["--name", "../../X"], capsys)
+    assert code == 2
+    one_line_error(err, "--name")
+    assert listing(world) == before
+    assert _ray_started() == ray_before

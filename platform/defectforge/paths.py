@@ -31,7 +31,6 @@ import os
 import shutil
 import stat
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +203,8 @@ def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False
 
 
 def _write_marker(folder: Path, kind: str) -> None:
-    (folder / MARKER).write_text(json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    # No timestamp: the same command gives byte-identical trees (data synth's promise).
+    (folder / MARKER).write_text(json.dumps({"kind": kind, "created_by": "defectforge"}) + "\n")
 
 
 def check_output_parent(out: str | os.PathLike[str], flag: str = "--out") -> None:
