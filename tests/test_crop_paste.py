@@ -83,12 +83,28 @@ def test_checkpoint_round_trip_and_strict_keys(data, tmp_path):
     state = load_file(str(path / "bank.safetensors"))
     extra = dict(state, bogus=state["sizes"].clone())
     save_file(extra, str(path / "bank.safetensors"))
+    # A file changed after saving is refused by its hash first ...
+    with pytest.raises(CheckpointError, match="bank.safetensors: sha256"):
+        load_generator(path)
+    # ... and one whose recorded hash was updated too still has to fit the module exactly.
+    _rehash(path)
     with pytest.raises(CheckpointError, match="unexpected keys \\['bogus'\\]"):
         load_generator(path)
     missing = {k: v for k, v in state.items() if k != "masks"}
     save_file(missing, str(path / "bank.safetensors"))
+    _rehash(path)
     with pytest.raises(CheckpointError, match="missing keys \\['masks'\\]"):
         load_generator(path)
+
+
+def _rehash(path):
+    import json
+
+    from defectforge.methods.base import file_sha256
+
+    meta = json.loads((path / "config.json").read_text())
+    meta["sha256"] = {f: file_sha256(path / f) for f in meta["sha256"]}
+    (path / "config.json").write_text(json.dumps(meta))
 
 
 def test_unknown_defect_is_a_clear_error(data):

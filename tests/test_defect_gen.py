@@ -181,11 +181,25 @@ def test_save_load_round_trip_and_strict_keys(tmp_path):
     dropped = dict(state)
     dropped.pop(next(iter(dropped)))
     save_file(dropped, str(weights))
+    with pytest.raises(CheckpointError, match="unet_small.safetensors: sha256"):  # changed after saving
+        load_generator(ckpt)
+    _rehash(ckpt)  # even with a matching recorded hash, the keys must fit the module
     with pytest.raises(CheckpointError, match="missing keys"):
         load_generator(ckpt)
     save_file({**state, "extra.weight": torch.zeros(1)}, str(weights))
+    _rehash(ckpt)
     with pytest.raises(CheckpointError, match="unexpected keys"):
         load_generator(ckpt)
+
+
+def _rehash(ckpt):
+    import json
+
+    from defectforge.methods.base import file_sha256
+
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["sha256"] = {f: file_sha256(ckpt / f) for f in meta["sha256"]}
+    (ckpt / "config.json").write_text(json.dumps(meta))
 
 
 # ------------------------------------------------------------------------------- architecture

@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 import pytest
 import torch
+from pydantic import Field
 from torch import nn
 
 from defectforge.config import MethodConfigBase, resolve_config
@@ -23,8 +24,10 @@ CALLS: list[tuple[str, int]] = []
 
 class ToyConfig(MethodConfigBase):
     name: Literal["test-toy"] = "test-toy"
-    crash_at_call: int | None = None
-    nan_at_call: int | None = None
+    # Fault-injection knobs: they decide when a run fails, not what its weights are, so a run
+    # resumed without them counts as the same training (the sampling_time mark, train/reuse.py).
+    crash_at_call: int | None = Field(None, json_schema_extra={"sampling_time": True})
+    nan_at_call: int | None = Field(None, json_schema_extra={"sampling_time": True})
 
 
 @registry.register

@@ -61,11 +61,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra["train"]["mode"] = args.mode
     if args.out:
         extra["tracking"]["run_root"] = args.out
+    if args.name is not None:
+        from defectforge.errors import ConfigError
+        from defectforge.paths import safe_component
+
+        safe_component(args.name, "--name", error=ConfigError)  # it becomes <out>/<name>
     cfg = _resolve(args, extra)
 
     from defectforge.train.runner import train
 
-    outcomes = train(cfg, out=cfg.tracking.run_root, name=args.name, log_to_mlflow=not args.no_mlflow)
+    outcomes = train(cfg, out=cfg.tracking.run_root, name=args.name, log_to_mlflow=not args.no_mlflow,
+                     overwrite=args.overwrite)
     failed = 0
     print("\nrun                                   status    checkpoint")
     for o in outcomes:
@@ -84,31 +90,50 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- generate
-def cmd_generate(args: argparse.Namespace) -> int:
-    from defectforge.config import parse_override
-    from defectforge.generate import GenerationPlan, sample_pairs, write_pairs
-    from defectforge.methods.base import load_generator, read_checkpoint_meta
+def _at_least(flag: str, value: int | None, minimum: int) -> None:
+    from defectforge.errors import ConfigError
 
-    read_checkpoint_meta(args.checkpoint)  # clear error before loading torch models
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag}: must be at least {minimum}, got {value}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from defectforge.cluster import resolve_device
+    from defectforge.config import parse_override
+    from defectforge.errors import ConfigError, DataError
+    from defectforge.generate import GenerationPlan, sample_pairs, write_pairs
+    from defectforge.methods.base import GeneratorContext, load_generator, read_checkpoint_meta
+    from defectforge.paths import claim_output
+
+    # Everything that can be known without the model is checked first, in seconds, so a bad
+    # argument never costs a model load or a sampling run.
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--max-attempts", args.max_attempts),
+                        ("--steps", args.steps), ("--u", args.u)):
+        _at_least(flag, value, 1)
+    meta = read_checkpoint_meta(args.checkpoint)  # every field checked, naming config.json
+    defects = [d.strip() for d in args.defects.split(",") if d.strip()] if args.defects else None
+    GenerationPlan.balanced(GeneratorContext.from_json(meta["context"]), args.n, _products(args), defects)
     method_overrides: dict[str, Any] = {}
     for text in args.overrides:
         path, value = parse_override(text)
         if path[0] == "method":
             path = path[1:]
         if len(path) != 1:
-            raise SystemExit(f"error: generate accepts method-field overrides only (method.<field>=value), got {text!r}")
+            raise ConfigError(f"generate accepts method-field overrides only (method.<field>=value), got {text!r}")
         method_overrides[path[0]] = value
     if args.u is not None:
         method_overrides["u"] = args.u
-    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    if args.data and not Path(args.data).is_dir():
+        raise DataError(f"--data {args.data}: dataset folder not found")
+    device = resolve_device(args.device)
+    claim_output(args.out, "generate", overwrite=args.overwrite, create=False)  # refuse before sampling
     gen = load_generator(args.checkpoint, device=device, method_overrides=method_overrides)
-    plan = GenerationPlan.balanced(gen.context, args.n, _products(args),
-                                   [d.strip() for d in args.defects.split(",")] if args.defects else None)
+    plan = GenerationPlan.balanced(gen.context, args.n, _products(args), defects)
     kwargs: dict[str, Any] = {}
     accepted = inspect.signature(gen.sample).parameters
     if "sampler" in accepted and args.sampler:
         kwargs["sampler"] = args.sampler
-    if "steps" in accepted and args.steps:
+    if "steps" in accepted and args.steps is not None:
         kwargs["steps"] = args.steps
     from defectforge.generate import ConditionSource
 
@@ -117,7 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
           flush=True)
     rows, stats = sample_pairs(gen, plan, args.seed, args.batch_size, reject_empty=not args.keep_empty,
                                max_attempts=args.max_attempts, source=source, **kwargs)
-    out = write_pairs(rows, args.out, gen.context)
+    out, _ = claim_output(args.out, "generate", overwrite=args.overwrite)
+    out = write_pairs(rows, out, gen.context)
     info = {"checkpoint": str(Path(args.checkpoint).resolve()), "n": args.n, "seed": args.seed,
             "method_overrides": method_overrides, "sample_kwargs": kwargs, **stats}
     (out / "generation.json").write_text(json.dumps(info, indent=2))
@@ -130,12 +156,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from defectforge.sweep.cli import run_sweep_command
 
     return run_sweep_command(args, method=args.method)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------------- main
@@ -170,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name (default: train-<method>-<products>); same name resumes")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--summary-json", metavar="FILE", help="write the outcomes as JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain from scratch: replace the run folder <out>/<name> (and its checkpoints) "
+                        "instead of resuming it; without it, a resume must match the run's data, split "
+                        "and training config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample image + mask pairs from a checkpoint into MVTec layout + Parquet")
@@ -188,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-empty", action="store_true", help="keep pairs whose mask is empty")
     p.add_argument("--max-attempts", type=int, default=4, help="draws per pair when redrawing empty masks")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out whole when it holds an earlier defectforge output (never a folder "
+                        "defectforge did not create)")
     p.add_argument("--data", metavar="PATH",
                    help="dataset whose train/good images (and train masks) methods such as crop-paste need")
     p.add_argument("overrides", nargs="*", metavar="method.field=value")
@@ -218,18 +245,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_reporting_user_errors(fn: Callable[[], int | None]) -> int:
-    """Call ``fn``; user errors (bad config, data, checkpoint, tracking URI) print one clear line
-    and return 2, anything else is a bug and keeps its traceback. Shared with ``jobs/*.py``."""
+    """Call ``fn``; a ``DefectforgeError`` (bad config, data, checkpoint, output folder, tracking
+    URI, device) prints ``error: <message>`` to stderr and returns 2. Anything else is a bug and
+    keeps its traceback (a ``KeyError`` from a bug must not pass for a user error). Shared with
+    ``jobs/*.py``."""
+    from defectforge.errors import DefectforgeError
+
     try:
         return int(fn() or 0)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-        from defectforge.methods.base import CheckpointError
-        from defectforge.tracking import TrackingError
-
-        if isinstance(exc, RuntimeError) and not isinstance(exc, (CheckpointError, TrackingError)):
-            raise
-        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {text}", file=sys.stderr)
+    except DefectforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -57,3 +57,60 @@ def outside_placement_group():
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return PlacementGroupSchedulingStrategy(placement_group=None)
+
+
+def check_gpus_available(requested: float, field: str) -> None:
+    """Refuse a GPU request no GPU can satisfy, before anything heavy starts.
+
+    Why: Ray queues a task that asks for a GPU until one appears, so on a machine without one the
+    command would hang instead of failing. Checked against the connected cluster's resources, or,
+    with no cluster yet and none configured (``RAY_ADDRESS`` unset, so a local one will be
+    started), against this machine's CUDA devices. A cluster named by ``RAY_ADDRESS`` but not yet
+    connected is not second-guessed: its workers may have GPUs the driver lacks.
+    """
+    if not requested:
+        return
+    import ray
+
+    from defectforge.errors import DeviceError
+
+    if ray.is_initialized():
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        where = "the connected Ray cluster"
+    elif os.environ.get("RAY_ADDRESS"):
+        return
+    else:
+        import torch
+
+        gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+        where = "this machine (no RAY_ADDRESS cluster configured)"
+    if gpus <= 0:
+        raise DeviceError(f"{field} asks for a GPU but {where} has none; Ray would wait for one forever. "
+                          f"Set {field} to false/0 or run on a cluster with GPUs")
+
+
+def resolve_device(name: str, flag: str = "--device") -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; an explicit device must exist on this machine.
+
+    Checked before a checkpoint is loaded, so ``--device cuda`` without a GPU is one clear line and
+    not a CUDA traceback from deep inside torch.
+    """
+    import torch
+
+    from defectforge.errors import DeviceError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceError(f"{flag} {name!r}: not a device name ({exc}); use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{flag} {name}: CUDA is not available on this machine (no GPU visible to torch "
+                              f"{torch.__version__}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"{flag} {name}: only cpu and cuda devices are supported")
+    return name

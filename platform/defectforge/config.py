@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -28,13 +30,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 PRESETS = ("tiny", "laptop", "paper")
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with the offending field (and file) in the message."""
+from defectforge.errors import ConfigError  # noqa: E402  (re-exported: ``config.ConfigError``)
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(a) for a in typing.get_args(annotation))
 
 
 class _Strict(BaseModel):
     # Unknown keys are typos until proven otherwise: reject them, naming the key.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode reads true as 1: train.steps=true would train one step. A boolean is
+        # never a number or a name here, so it is refused wherever the field is not a bool.
+        # (A model validator, not a field one: pydantic forbids "before" validators on the
+        # discriminator field method.name.)
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+                    raise ValueError(f"field {key!r}: got {value!r}, a true/false value where a number or "
+                                     "text belongs")
+        return data
 
 
 # --------------------------------------------------------------------------------------- data
@@ -171,6 +193,16 @@ class SweepConfig(_Strict):
     register_model: bool = Field(True, description="register the best generator with alias 'best'")
     seed: int = 0
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        # The sweep name becomes a folder under the storage path: one safe path component.
+        from defectforge.paths import unsafe_reason
+
+        if value is not None and (why := unsafe_reason(value)) is not None:
+            raise ValueError(f"sweep name {value!r} {why}; it must be a single folder name")
+        return value
+
 
 class MethodConfigBase(_Strict):
     """Base of every method's config; subclasses add ``name: Literal[...]`` and their fields."""
@@ -285,7 +317,13 @@ def _format_errors(exc: ValidationError, source: str | None) -> str:
         loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _TAGS))
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {loc or '<root>'}: {err['msg']}{shown}")
+        msg = err["msg"]
+        named = re.match(r"Value error, field '([^']+)': (.*)", msg, re.S)
+        if named:  # a model validator that names its field: report the field's dotted path
+            loc, msg = f"{loc}.{named.group(1)}" if loc else named.group(1), named.group(2)
+        lines.append(f"  {loc or '<root>'}: {msg}{shown}")
+    if len(lines) == 1:  # the usual case: one line, so the CLI prints one line
+        return f"invalid configuration{where}: {lines[0].strip()}"
     return f"invalid configuration{where}:\n" + "\n".join(lines)
 
 
@@ -328,6 +366,13 @@ def resolve_config(
     # Which preset and which method: the most specific layer wins
     # (defaults < file < command-line flags < dotted overrides).
     extra = extra or {}
+    sections = {name for name, f in ConfigBase.model_fields.items() if name != "preset"} | {"method"}
+    for layer, label in ((file_tree, str(config_file)), (extra, "command-line flags"),
+                         (override_tree, "command-line overrides")):
+        for key in sections & set(layer):
+            if not isinstance(layer[key], dict):
+                raise ConfigError(f"{key} (from {label}): must be a section (a mapping of fields, e.g. "
+                                  f"'{key}: {{name: ...}}'), got {type(layer[key]).__name__} {layer[key]!r}")
     preset_name, method_name = "tiny", "defect-gen"
     for layer in (file_tree, {"preset": preset, "method": {"name": method}}, extra, override_tree):
         if layer.get("preset"):

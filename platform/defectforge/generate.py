@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from defectforge.errors import ConfigError, DataError
 from defectforge.methods.base import Conditions, Generator, GeneratorContext
+from defectforge.paths import inside
 
 
 class ConditionSource:
@@ -59,7 +61,7 @@ class ConditionSource:
             for p in context.products:
                 refs = [r for r in index.refs if r.product == p and r.is_good and r.split == "train"]
                 if not refs:
-                    raise FileNotFoundError(f"{root}: product {p!r} has no defect-free images in train/good, "
+                    raise DataError(f"{root}: product {p!r} has no defect-free images in train/good, "
                                             "which this method pastes onto")
                 if len(refs) > max_normal:
                     refs = [refs[i] for i in sorted(rng.choice(len(refs), max_normal, replace=False))]
@@ -86,7 +88,7 @@ class ConditionSource:
             return None
         if data_root is None:
             needs = "defect-free images" if gen.requires_normal_images else "real masks"
-            raise ValueError(f"method {gen.method_name()!r} needs {needs} from a dataset: pass --data PATH")
+            raise ConfigError(f"--data: method {gen.method_name()!r} needs {needs} from a dataset: pass --data PATH")
         return cls.from_dataset(data_root, gen.context, normal=gen.requires_normal_images,
                                 masks=gen.requires_masks, split=split, seed=seed)
 
@@ -105,7 +107,7 @@ class ConditionSource:
     def _pick(table: dict, key: Any, label: str, rng: np.random.Generator) -> np.ndarray:
         pool = table.get(key)
         if pool is None or len(pool) == 0:
-            raise KeyError(f"no real images/masks for {label!r} in the condition source")
+            raise DataError(f"no real images/masks for {label!r} in the --data dataset's training split")
         return pool[int(rng.integers(len(pool)))]
 
 
@@ -119,15 +121,24 @@ class GenerationPlan:
     @classmethod
     def balanced(cls, context: GeneratorContext, n: int, products: list[str] | None = None,
                  defects: list[str] | None = None) -> GenerationPlan:
-        pairs = [(p, d) for p in (products or list(context.products)) for d in context.classes[p]
-                 if not defects or d in defects]
+        if n < 1:
+            raise ConfigError(f"--n: the number of pairs must be at least 1, got {n}")
         if products:
             unknown = [p for p in products if p not in context.products]
             if unknown:
-                raise KeyError(f"unknown product(s) {unknown}; the checkpoint knows {list(context.products)}")
+                raise ConfigError(f"--product(s): unknown product(s) {', '.join(map(repr, unknown))}; the "
+                                  f"checkpoint knows {', '.join(context.products)}")
+        if defects:
+            known = {d for p in (products or context.products) for d in context.classes[p]}
+            unknown = [d for d in defects if d not in known]
+            if unknown:
+                raise ConfigError(f"--defects: unknown defect type(s) {', '.join(map(repr, unknown))}; the "
+                                  f"checkpoint knows {', '.join(sorted(known))}")
+        pairs = [(p, d) for p in (products or list(context.products)) for d in context.classes[p]
+                 if not defects or d in defects]
         if not pairs:
-            raise KeyError(f"no (product, defect) pair matches products={products} defects={defects}; "
-                           f"the checkpoint knows {context.classes}")
+            raise ConfigError(f"no (product, defect) pair matches products={products} defects={defects}; "
+                              f"the checkpoint knows {context.classes}")
         chosen = [pairs[i % len(pairs)] for i in range(n)]
         return cls([p for p, _ in chosen], [d for _, d in chosen])
 
@@ -141,8 +152,12 @@ def sample_pairs(gen: Generator, plan: GenerationPlan, seed: int, batch_size: in
     ``source`` supplies normal images / masks for methods that require them; ``id_offset`` shifts
     the row ids (``<offset + i>``), so callers that sample one plan in pieces get unique ids.
     """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if max_attempts < 1:
+        raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
     if (gen.requires_normal_images or gen.requires_masks) and source is None:
-        raise ValueError(f"method {gen.method_name()!r} needs a ConditionSource (defect-free images / masks "
+        raise ConfigError(f"method {gen.method_name()!r} needs a ConditionSource (defect-free images / masks "
                          "from a dataset): pass --data PATH")
 
     def conditions(products: list[str], defects: list[str], s: int) -> Conditions:
@@ -182,15 +197,18 @@ def write_pairs(rows: list[dict[str, Any]], out: str | Path, context: GeneratorC
     from defectforge.data.arrow import write_parquet
 
     root = Path(out)
+    # Every name becomes a path: inside() refuses any that is not one safe component or that
+    # would land outside ``out`` (names were checked where they entered; this is the last guard).
     for product in sorted({r["product"] for r in rows}):
-        (root / product).mkdir(parents=True, exist_ok=True)
+        inside(root, product).mkdir(parents=True, exist_ok=True)
         (root / product / "classes.json").write_text(json.dumps({"classes": list(context.classes[product])}))
     for row in rows:
         product, defect = row["product"], row["defect"]
-        img_dir = root / product / "test" / defect
-        gt_dir = root / product / "ground_truth" / defect
+        img_dir = inside(root, product, "test", defect)
+        gt_dir = inside(root, product, "ground_truth", defect)
         img_dir.mkdir(parents=True, exist_ok=True)
         gt_dir.mkdir(parents=True, exist_ok=True)
+        inside(root, product, "test", defect, f"{row['id']}.png")
         Image.fromarray(row["image"]).save(img_dir / f"{row['id']}.png")
         mask = row["mask"]
         own = context.class_id(product, defect)

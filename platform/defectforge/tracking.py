@@ -24,8 +24,7 @@ ENV_URI = "MLFLOW_TRACKING_URI"
 MAX_PARAM_LEN = 500  # MLflow's limit on a param value
 
 
-class TrackingError(RuntimeError):
-    """The tracking server cannot be used (unreachable, refused, wrong URI)."""
+from defectforge.errors import TrackingError  # noqa: E402  (re-exported: ``tracking.TrackingError``)
 
 
 def tracking_uri(uri: str | None = None, run_root: str | os.PathLike[str] = "runs") -> str:

@@ -9,8 +9,13 @@ from pathlib import Path
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from defectforge.data.synth import write_synthetic
+    from defectforge.data.synth import check_synth_args, write_synthetic
+    from defectforge.paths import claim_output
 
+    check_synth_args(args.size, args.products)  # before the folder is claimed
+    # Never into a folder defectforge did not make (it may be a real dataset: its README and
+    # metadata.csv would be overwritten); an earlier synth output only with --overwrite.
+    claim_output(args.out, "synth", overwrite=args.overwrite)
     t0 = time.perf_counter()
     out = write_synthetic(args.out, seed=args.seed, size=args.size, products=args.products)
     n = sum(1 for _ in Path(out).rglob("*.png"))
@@ -51,6 +56,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128, metavar="PX", help="image side in pixels (default 128)")
     p.add_argument("--products", type=int, default=2, metavar="N", help="number of products, 1-4 (default 2)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out whole when it holds an earlier defectforge output (never a folder "
+                        "defectforge did not create)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("check", help="validate a dataset folder and print counts",

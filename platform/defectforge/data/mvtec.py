@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from defectforge.paths import is_regular_file, non_regular_kind, unsafe_reason
 from defectforge.data.sample import (
     GOOD,
     IMAGE_EXTS,
@@ -96,6 +97,8 @@ def _list_images(folder: Path, issues: list[Issue]) -> dict[str, Path]:
             continue
         if path.is_dir():
             issues.append((path, "unexpected folder inside an image folder"))
+        elif not is_regular_file(path):  # a FIFO named x.png would block the decoder forever
+            issues.append((path, f"not a regular file ({non_regular_kind(path)}); skipped, never opened"))
         elif path.suffix.lower() not in IMAGE_EXTS:
             issues.append((path, f"not an image file (accepted: {', '.join(IMAGE_EXTS)})"))
         elif path.stem in images:
@@ -157,6 +160,9 @@ def _list_masks(folder: Path, images: dict[str, Path], issues: list[Issue]) -> d
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
+        if not is_regular_file(path):
+            issues.append((path, f"not a regular file ({non_regular_kind(path)}); skipped, never opened"))
+            continue
         stem = path.stem
         sid = stem[: -len("_mask")] if stem.endswith("_mask") else stem
         if path.suffix.lower() not in IMAGE_EXTS:
@@ -174,6 +180,8 @@ def _product_classes(pdir: Path, defect_names: list[str]) -> tuple[str, ...]:
     """Class-id order: ``classes.json`` when present (so ids stay stable when folders come and go),
     else the sorted defect folder names."""
     cfile = pdir / "classes.json"
+    if cfile.exists() and not is_regular_file(cfile):
+        raise DataError(f"{cfile}: not a regular file ({non_regular_kind(cfile)}); refusing to open it")
     if not cfile.is_file():
         return tuple(sorted(defect_names))
     try:
@@ -184,6 +192,10 @@ def _product_classes(pdir: Path, defect_names: list[str]) -> tuple[str, ...]:
     if (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
             or len(set(names)) != len(names) or GOOD in names):
         raise DataError(f"{cfile}: field 'classes' must be a list of unique defect names (not 'good')")
+    for n in names:  # defect names become folder names of generated data and reports
+        if (why := unsafe_reason(n)) is not None:
+            raise DataError(f"{cfile}: field 'classes' holds defect name {n!r} that {why}; each name must "
+                            "be a single folder name (no '/', '\\', '..')")
     missing = [d for d in defect_names if d not in names]
     if missing:
         raise DataError(f"{cfile}: field 'classes' lacks defect folder(s) {', '.join(missing)} "
@@ -212,6 +224,8 @@ def read_image(path: Path) -> tuple[np.ndarray, str]:
     ``Image.open`` only reads the header; ``load()`` forces the full decode so a truncated file
     fails here, naming the file, and not later inside a training step.
     """
+    if not is_regular_file(path):
+        raise BadSampleError(path, f"not a regular file ({non_regular_kind(path)}); never opened")
     try:
         with Image.open(path) as im:
             im.load()
@@ -229,6 +243,8 @@ def read_image(path: Path) -> tuple[np.ndarray, str]:
 
 def read_mask(path: Path) -> np.ndarray:
     """Decode a mask file to its raw 2-D integer values (no thresholding, no class mapping)."""
+    if path.exists() and not is_regular_file(path):
+        raise BadSampleError(path, f"not a regular file ({non_regular_kind(path)}); never opened")
     if not path.is_file():
         raise BadSampleError(path, "mask file not found for a defect image")
     try:

@@ -20,11 +20,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
 
 
-class DataError(ValueError):
-    """A dataset-level problem (missing or empty folder, unknown product, bad metadata).
-
-    The message always names the path (and the column/field) so the user knows what to fix.
-    """
+from defectforge.errors import DataError  # noqa: E402  (re-exported: ``data.sample.DataError``)
 
 
 class BadSampleError(DataError):

@@ -262,16 +262,22 @@ def _save_png(array: np.ndarray, path: Path, gray: bool) -> None:
     img.save(path, format="PNG")  # Pillow writes no time chunk: identical bytes on every run
 
 
+def check_synth_args(size: int, products: int) -> None:
+    from defectforge.errors import ConfigError
+
+    if not 1 <= products <= len(PRODUCTS):
+        raise ConfigError(f"--products: products must be 1..{len(PRODUCTS)}, got {products}")
+    if size < 32:
+        raise ConfigError(f"--size: size must be at least 32 px (defects must stay visible), got {size}")
+
+
 def write_synthetic(out: str | Path, seed: int = 0, size: int = 128, products: int = 2) -> Path:
     """Write the synthetic dataset (MVTec layout, ``metadata.csv``, ``README.txt``) to ``out``.
 
     Per product: 40 train/good, 10 test/good, 12 images per defect type (6 groups x 2 exposures).
     Returns ``out``. Existing files are overwritten; nothing else in ``out`` is touched.
     """
-    if not 1 <= products <= len(PRODUCTS):
-        raise ValueError(f"products must be 1..{len(PRODUCTS)}, got {products}")
-    if size < 32:
-        raise ValueError(f"size must be at least 32 px (defects must stay visible), got {size}")
+    check_synth_args(size, products)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta: list[dict] = []

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from defectforge.config import ConfigBase
+from defectforge.errors import ConfigError, DataError
 
 SEG_VAL_FRACTION = 0.2
 
@@ -87,7 +88,7 @@ def load_real(cfg: ConfigBase, root: Path, products: list[str], resolution: int)
     good_train = [r for r in train_refs if r.is_good] or [r for r in index.refs if r.is_good and r.split == "train"]
     test_keys = {_key(r) for r in test_refs}
     if train_keys & test_keys:
-        raise ValueError(f"{root}: the {cfg.data.split.protocol} split is not disjoint")
+        raise DataError(f"{root}: the {cfg.data.split.protocol} split is not disjoint")
 
     def rows(refs: list[Any], split: str) -> list[dict[str, Any]]:
         loaded, _ = load_rows(index, refs, resolution, cfg.data.on_bad_sample)
@@ -298,7 +299,7 @@ def _seg_overall(seg: dict[str, Any]) -> dict[str, float]:
 def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
              generated: str | os.PathLike[str] | None = None, out: str | os.PathLike[str] | None = None,
              summary_json: str | os.PathLike[str] | None = None, log_to_mlflow: bool = True,
-             name: str | None = None, quiet: bool = False) -> dict[str, Any]:
+             name: str | None = None, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (generating ``evaluation.n_per_defect`` pairs per defect type) or an
     existing folder / Parquet of pairs; returns the summary dict (also written as JSON)."""
     from defectforge.evaluate.pipeline import (
@@ -310,10 +311,13 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     )
     from defectforge.evaluate.report import format_table, log_to_mlflow as mlflow_log, sample_grid, write_summary
     from defectforge.train.data import resolve_data_root
-    from defectforge.cluster import ensure_ray
+    from defectforge.cluster import check_gpus_available, ensure_ray
+    from defectforge.paths import claim_output, safe_component
 
     if (checkpoint is None) == (generated is None):
-        raise ValueError("evaluate: pass exactly one of checkpoint (a generator dir) or generated (pairs)")
+        raise ConfigError("evaluate: pass exactly one of checkpoint (a generator dir) or generated (pairs)")
+    if name is not None:  # it becomes a folder name under <run_root>/evaluations
+        safe_component(name, "evaluation name (--name)", error=ConfigError)
     t_start = time.perf_counter()
     ev = cfg.evaluation
     method, context = _source_meta(checkpoint, generated)
@@ -328,8 +332,13 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
         products, resolution = None, cfg.data.resolution
 
     run_root = Path(cfg.tracking.run_root).resolve()
+    if not out:
+        claim_output(run_root, "run-root", resumable=True, flag="tracking.run_root", legacy=("mlflow.db", "ray"))
     out_dir = Path(out).resolve() if out else run_root / "evaluations" / (
         name or f"evaluate-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Before Ray starts: never mix with an earlier evaluation or write into a foreign folder.
+    claim_output(out_dir, "evaluate", overwrite=overwrite, flag="--out" if out else "evaluation folder")
+    check_gpus_available(ev.num_gpus_per_actor, "evaluation.num_gpus_per_actor")
     artifacts = out_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
 
@@ -357,7 +366,7 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     real = load_real(cfg, root, products, resolution)
     missing = [p for p in products if p not in real["index"].classes]
     if missing:
-        raise ValueError(f"products {missing} are not in the dataset {root}")
+        raise DataError(f"data.products: {missing} are not in the dataset {root}")
     references = defaultdict(lambda: {"centres": [], "masks": []})
     for r in real["few_shot"]:
         references[f"{r['product']}/{r['defect']}"]["centres"].append(r["image"])
@@ -497,6 +506,8 @@ def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--name", help="evaluation run name")
     p.add_argument("--summary-json", metavar="FILE", help="write the summary JSON here too")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output folder whole when it holds an earlier defectforge output")
     p.set_defaults(func=cmd_evaluate)
     return p
 
@@ -513,5 +524,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.method = read_checkpoint_meta(args.checkpoint)["method"]
     cfg = _resolve(args, extra)
     evaluate(cfg, checkpoint=args.checkpoint, generated=args.generated, out=args.out,
-             summary_json=args.summary_json, log_to_mlflow=not args.no_mlflow, name=args.name)
+             summary_json=args.summary_json, log_to_mlflow=not args.no_mlflow, name=args.name,
+             overwrite=getattr(args, "overwrite", False))
     return 0

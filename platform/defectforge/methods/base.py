@@ -19,6 +19,7 @@ This module is pure torch: no Ray, no MLflow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -32,12 +33,13 @@ from torch import nn
 
 from defectforge.config import MethodConfigBase
 
-CHECKPOINT_FORMAT = 1
+# Format 2 records each weight file's sha256 in config.json ("sha256": {file: hex}); format 1
+# checkpoints had no hashes and are refused (re-save them with save_pretrained).
+CHECKPOINT_FORMAT = 2
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that is missing, incomplete or does not match its model."""
+from defectforge.errors import CheckpointError  # noqa: E402  (re-exported: ``methods.base.CheckpointError``)
 
 
 @dataclass(frozen=True)
@@ -202,23 +204,41 @@ class Generator(nn.Module, ABC):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         modules = self.saved_modules()
+        hashes: dict[str, str] = {}
         for name, module in modules.items():
             state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(module).state_dict().items()}
+            bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:  # never write a checkpoint that would sample garbage
+                raise CheckpointError(f"{out}: module {name!r} holds non-finite weights ({', '.join(bad[:4])}); "
+                                      "not saved")
             save_file(state, str(out / f"{name}.safetensors"))
+            hashes[f"{name}.safetensors"] = file_sha256(out / f"{name}.safetensors")
         meta = {"format": CHECKPOINT_FORMAT, "method": self.method_name(),
                 "method_config": self.config.model_dump(mode="json"), "context": self.context.to_json(),
-                "modules": sorted(modules)}
+                "modules": sorted(modules), "sha256": hashes}
         (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return out
 
-    def load_modules(self, directory: str | Path) -> None:
-        """Load every saved module from ``directory``; any missing/unexpected key is an error."""
+    def load_modules(self, directory: str | Path, hashes: dict[str, str] | None = None) -> None:
+        """Load every saved module from ``directory``; any missing/unexpected key is an error.
+
+        ``hashes`` ({file name: sha256}, from ``config.json``; read there when None) is checked
+        before a file is parsed, and every floating-point weight must be finite: a flipped byte, a
+        truncated copy or a file overwritten with NaNs is refused naming the file, never sampled.
+        """
         src = Path(directory)
+        if hashes is None:
+            hashes = read_checkpoint_meta(src)["sha256"]
         for name, module in self.saved_modules().items():
-            path = src / f"{name}.safetensors"
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {src} has no weights for module {name!r} ({path.name} missing)")
-            state = load_file(str(path), device=str(self.device))
+            path = verified_weight_file(src, name, hashes)
+            try:
+                state = load_file(str(path), device=str(self.device))
+            except Exception as exc:  # safetensors raises its own SafetensorError (or OSError)
+                raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+            nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if nonfinite:
+                raise CheckpointError(f"{path}: non-finite (NaN/inf) weights in {', '.join(nonfinite[:4])}"
+                                      f"{' ...' if len(nonfinite) > 4 else ''}")
             target = _unwrap(module)
             expected = set(target.state_dict())
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -234,16 +254,99 @@ class Generator(nn.Module, ABC):
                 raise CheckpointError(f"{path}: {exc}") from None
 
 
+def verified_weight_file(directory: Path, module: str, hashes: dict[str, str]) -> Path:
+    """``<directory>/<module>.safetensors`` once it exists and matches its sha256 in ``config.json``.
+
+    Shared by every ``load_modules`` (methods overriding it call this too), so no method reads
+    weights that changed after saving.
+    """
+    path = Path(directory) / f"{module}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory} has no weights for module {module!r} ({path.name} missing)")
+    expected = hashes.get(path.name)
+    if expected is None:
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: field 'sha256' has no hash for {path.name}")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointError(f"{path}: sha256 {actual[:12]}... does not match {expected[:12]}... recorded in "
+                              f"{CONFIG_FILE}: the file is corrupted, truncated or was replaced after saving")
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint, every field checked; ``CheckpointError`` naming the file and
+    the field otherwise. Names in ``context`` become folder names when generating, so each must be a
+    single safe path component (``defectforge.paths``)."""
+    from defectforge.methods import registry
+    from defectforge.paths import unsafe_reason
+
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {directory}")
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(
             f"{directory} is not a generator checkpoint: {CONFIG_FILE} not found "
             "(pass the directory that holds config.json and *.safetensors)"
         )
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc}); the file is truncated or not a "
+                              "defectforge checkpoint config") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        hint = " (written before weight hashes were recorded; re-save it)" if meta.get("format") == 1 else ""
+        raise CheckpointError(f"{path}: field 'format' is {meta.get('format')!r}, not {CHECKPOINT_FORMAT}{hint}")
+
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field {field!r} {why}")
+
+    method = meta.get("method")
+    if not isinstance(method, str) or not method:
+        raise bad("method", "is missing or not a method name")
+    known = registry.generators()
+    if method not in known:
+        raise bad("method", f"names unknown method {method!r}; known: {', '.join(sorted(known))}")
+    if not isinstance(meta.get("method_config"), dict):
+        raise bad("method_config", "is missing or not an object")
+    if meta["method_config"].get("name", method) != method:
+        raise bad("method_config.name", f"is {meta['method_config'].get('name')!r} but field 'method' is {method!r}")
+    ctx = meta.get("context")
+    if not isinstance(ctx, dict):
+        raise bad("context", "is missing or not an object")
+    products, classes = ctx.get("products"), ctx.get("classes")
+    if not isinstance(products, list) or not products:
+        raise bad("context.products", "is missing or not a non-empty list")
+    if not isinstance(classes, dict):
+        raise bad("context.classes", "is missing or not an object")
+    for p in products:
+        if (why := unsafe_reason(p)) is not None:
+            raise bad("context.products", f"holds product name {p!r} that {why}")
+        if not isinstance(classes.get(p), list) or not classes[p]:
+            raise bad(f"context.classes.{p}", "is missing or not a non-empty list of defect names")
+        for d in classes[p]:
+            if (why := unsafe_reason(d)) is not None:
+                raise bad(f"context.classes.{p}", f"holds defect name {d!r} that {why}")
+    if not isinstance(ctx.get("resolution"), int) or isinstance(ctx.get("resolution"), bool) or ctx["resolution"] < 1:
+        raise bad("context.resolution", f"must be a positive integer, got {ctx.get('resolution')!r}")
+    modules = meta.get("modules")
+    if not isinstance(modules, list) or any(unsafe_reason(m) is not None for m in modules):
+        raise bad("modules", "must be a list of module names")
+    hashes = meta.get("sha256")
+    if not isinstance(hashes, dict) or any(not isinstance(v, str) for v in hashes.values()):
+        raise bad("sha256", "is missing or not an object {file: sha256 hex}")
+    missing = [f"{m}.safetensors" for m in modules if f"{m}.safetensors" not in hashes]
+    if missing:
+        raise bad("sha256", f"has no hash for {', '.join(missing)}")
     return meta
 
 
@@ -261,15 +364,47 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu",
     """
     from defectforge.methods import registry
 
+    from pydantic import ValidationError
+
+    from defectforge.config import ConfigError
+
     meta = read_checkpoint_meta(directory)
     cls = registry.get(meta["method"])
     cfg_dict = dict(meta["method_config"])
+    try:  # the checkpoint's own config first: a problem there is the checkpoint's, not the user's
+        cls.config_class.model_validate(cfg_dict)
+    except ValidationError as exc:
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: field 'method_config' is not a valid "
+                              f"{meta['method']} config: {_first_error(exc)}") from None
     cfg_dict.update(method_overrides or {})
-    config = cls.config_class.model_validate(cfg_dict)
-    gen = cls(config, GeneratorContext.from_json(meta["context"])).to(device)
-    gen.load_modules(directory)
+    try:
+        config = cls.config_class.model_validate(cfg_dict)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid method override: {_first_error(exc)}") from None
+    try:
+        gen = cls(config, GeneratorContext.from_json(meta["context"])).to(device)
+    except (ValueError, KeyError, TypeError) as exc:  # e.g. a context the method cannot build
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: cannot build {meta['method']} from it: "
+                              f"{exc}") from None
+    gen.load_modules(directory, meta["sha256"])
     gen.eval()
     return gen
+
+
+def _first_error(exc: Any, prefix: str = "method") -> str:
+    """The first pydantic error as ``method.<field>: <message>`` (more errors counted)."""
+    import re
+
+    errs = exc.errors()
+    if not errs:
+        return str(exc)
+    e = errs[0]
+    loc, msg = ".".join(str(p) for p in e["loc"]), e["msg"]
+    named = re.match(r"Value error, field '([^']+)': (.*)", msg, re.S)
+    if named:
+        loc, msg = ".".join(p for p in (loc, named.group(1)) if p), named.group(2)
+    more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{prefix}.{loc}: {msg}{more}" if loc else f"{prefix}: {msg}{more}"
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -35,7 +35,15 @@ from safetensors import safe_open
 from torch import nn
 
 from defectforge.config import MethodConfigBase
-from defectforge.methods.base import CheckpointError, Conditions, GeneratedBatch, Generator, Stage
+from defectforge.methods.base import (
+    CheckpointError,
+    Conditions,
+    GeneratedBatch,
+    Generator,
+    Stage,
+    read_checkpoint_meta,
+    verified_weight_file,
+)
 from defectforge.methods.registry import register
 
 BANK = "bank"
@@ -144,18 +152,24 @@ class CropPaste(Generator):
                       torch.tensor([c[3] for c in crops], dtype=torch.long, device=device))
 
     # ------------------------------------------------------------------------- checkpoints
-    def load_modules(self, directory: str | Path) -> None:
-        """Re-create the bank at the file's shapes; exactly ``BANK_KEYS`` must be present."""
-        path = Path(directory) / f"{BANK}.safetensors"
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {directory} has no weights for module {BANK!r} ({path.name} missing)")
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            missing, unexpected = sorted(set(BANK_KEYS) - keys), sorted(keys - set(BANK_KEYS))
-            if missing or unexpected:
-                raise CheckpointError(f"{path}: weights do not match module {BANK!r}: missing keys {missing}, "
-                                      f"unexpected keys {unexpected}")
-            state = {k: f.get_tensor(k) for k in BANK_KEYS}
+    def load_modules(self, directory: str | Path, hashes: dict[str, str] | None = None) -> None:
+        """Re-create the bank at the file's shapes; exactly ``BANK_KEYS`` must be present, and the
+        file must match its sha256 in ``config.json`` (``verified_weight_file``)."""
+        if hashes is None:
+            hashes = read_checkpoint_meta(directory)["sha256"]
+        path = verified_weight_file(Path(directory), BANK, hashes)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+                missing, unexpected = sorted(set(BANK_KEYS) - keys), sorted(keys - set(BANK_KEYS))
+                if missing or unexpected:
+                    raise CheckpointError(f"{path}: weights do not match module {BANK!r}: missing keys {missing}, "
+                                          f"unexpected keys {unexpected}")
+                state = {k: f.get_tensor(k) for k in BANK_KEYS}
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors' own SafetensorError
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         expected = {"images": (torch.uint8, 4), "masks": (torch.uint8, 3), "sizes": (torch.long, 2),
                     "product": (torch.long, 1), "class_id": (torch.long, 1)}
         for key, (dtype, ndim) in expected.items():

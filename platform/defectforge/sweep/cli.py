@@ -66,17 +66,14 @@ def _extra(args: argparse.Namespace, embedded_default: bool) -> dict[str, Any]:
 
 
 def run_sweep_command(args: argparse.Namespace, method: str, embedded_default: bool = False) -> int:
-    from defectforge.config import ConfigError, resolve_config
+    from defectforge.config import resolve_config
 
-    try:
-        preset = getattr(args, "preset", None)
-        if preset is None and embedded_default and not args.data and not args.config:
-            preset = EMBEDDED_PRESET
-        cfg = resolve_config(method=method, preset=preset, config_file=args.config,
-                             overrides=args.overrides, extra=_extra(args, embedded_default))
-    except ConfigError as exc:
-        print(f"error: {exc}")
-        return 2
+    # A ConfigError propagates: run_reporting_user_errors prints it to stderr and exits 2.
+    preset = getattr(args, "preset", None)
+    if preset is None and embedded_default and not args.data and not args.config:
+        preset = EMBEDDED_PRESET
+    cfg = resolve_config(method=method, preset=preset, config_file=args.config,
+                         overrides=args.overrides, extra=_extra(args, embedded_default))
     from defectforge.sweep.run import results_table, sweep
 
     summary = sweep(cfg, summary_json=args.summary_json)

@@ -47,11 +47,20 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
                           "is false: set it to true or choose another objective (e.g. kid_randfeat:min)")
     space = load_space(cfg.sweep.space or cfg.method.name, preset=cfg.preset)
     if space.method != cfg.method.name:
-        raise ValueError(f"search space {space.source} is for method {space.method!r}, not {cfg.method.name!r}")
+        raise ConfigError(f"search space {space.source} is for method {space.method!r}, not {cfg.method.name!r}")
     name = default_name(cfg)
     run_root = Path(cfg.tracking.run_root).resolve()
     storage = str(Path(cfg.sweep.storage_path).resolve() if cfg.sweep.storage_path and "://" not in cfg.sweep.storage_path
                   else (cfg.sweep.storage_path or run_root / "sweeps"))
+    # Output policy (defectforge.paths), before MLflow, data or Ray: the run root is new, empty or
+    # defectforge's, and a local storage path is writable; a GPU request has a GPU to run on.
+    from defectforge.cluster import check_gpus_available
+    from defectforge.paths import check_output_parent, claim_output
+
+    claim_output(run_root, "run-root", resumable=True, flag="tracking.run_root", legacy=("mlflow.db", "ray"))
+    if "://" not in storage:
+        check_output_parent(storage, flag="sweep.storage_path")
+    check_gpus_available(cfg.train.scaling.use_gpu, "train.scaling.use_gpu")
     experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
     uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
     from defectforge.evaluate.run import check_extractors

@@ -105,14 +105,24 @@ def default_name(cfg: ConfigBase, products: list[str]) -> str:
     return run_name("train", cfg.method.name, products)
 
 
-def _mlflow_run(cfg: ConfigBase, name: str, data: TrainingData, run_dir: Path) -> dict[str, str] | None:
-    """Open (or, for a resumed run, reopen) the MLflow run of a training run."""
+def _mlflow_run(cfg: ConfigBase, name: str, data: TrainingData, run_dir: Path,
+                fresh: bool = False) -> dict[str, str] | None:
+    """Open (or, for a resumed run, reopen) the MLflow run of a training run.
+
+    ``fresh``: the run folder was (re)created, so an MLflow run left by an earlier run in the same
+    folder is detached (its folder tag renamed) rather than reopened with the old params.
+    """
     import mlflow
 
     from defectforge import tracking
 
     uri = tracking.setup(cfg.tracking.uri, cfg.tracking.run_root,
                          tracking.experiment_name(cfg.method.name, cfg.tracking.experiment), cfg.tracking.timeout_s)
+    if fresh:
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(tracking.experiment_name(cfg.method.name, cfg.tracking.experiment))
+        for old in client.search_runs([exp.experiment_id], f"tags.`defectforge.train_dir` = '{run_dir}'"):
+            client.set_tag(old.info.run_id, "defectforge.train_dir", f"{run_dir} (replaced)")
     run_id, created = tracking.reopen_or_create_run(
         uri, tracking.experiment_name(cfg.method.name, cfg.tracking.experiment),
         f"tags.`defectforge.train_dir` = '{run_dir}'", name,
@@ -147,27 +157,110 @@ def _finish(outcome: TrainOutcome, result: dict[str, Any], mlflow_info: dict[str
     return outcome
 
 
+def _training_record(cfg: ConfigBase) -> dict[str, Any]:
+    """The config fields that shape trained weights (the sweeps' rule, ``reuse.training_fields``:
+    data, method minus sampling-time fields, train minus bookkeeping), flattened to dotted keys."""
+    from defectforge.train.reuse import training_fields
+
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            flat[prefix] = node
+
+    walk(training_fields(cfg), "")
+    if flat.get("data.path"):
+        flat["data.path"] = str(Path(flat["data.path"]).expanduser().resolve())
+    return flat
+
+
+def verify_resume(run_dir: Path, cfg: ConfigBase, manifest: dict[str, Any]) -> None:
+    """A resumed run must train what it trained before: same data, split and training config.
+
+    Why: resuming with other data or settings would keep the old weights ("already trained") while
+    the run folder's config.yaml and split manifest claimed the new ones; a changed architecture
+    would end in a raw size-mismatch traceback. Raises ``OutputError`` naming every difference.
+    """
+    import yaml
+
+    from defectforge.config import config_from_dict
+    from defectforge.errors import DefectforgeError, OutputError
+
+    cfg_file, manifest_file = run_dir / "config.yaml", run_dir / "split_manifest.json"
+    try:
+        old_cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+        old_manifest = json.loads(manifest_file.read_text())
+    except (OSError, ValueError, yaml.YAMLError, DefectforgeError) as exc:
+        raise OutputError(f"{run_dir}: cannot read the run's record ({exc}); pass --overwrite to retrain "
+                          "from scratch or choose another --name") from None
+    old, new = _training_record(old_cfg), _training_record(cfg)
+    diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if old_manifest != json.loads(json.dumps(manifest)):
+        for side in ("train", "test"):
+            if old_manifest.get(side) != manifest.get(side):
+                diffs.append(f"split manifest: the {side} side differs ({old_manifest.get('n_' + side)} -> "
+                             f"{manifest.get('n_' + side)} images)")
+        if not any(d.startswith("split manifest") for d in diffs):
+            diffs.append("split manifest differs")
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; ... ({len(diffs)} differences)" if len(diffs) > 6 else "")
+        raise OutputError(f"{run_dir} was trained with other data, split or settings ({cfg_file.name}, "
+                          f"{manifest_file.name}): {shown}. Pass --overwrite to retrain from scratch, or "
+                          "use another --name / --out")
+
+
 def train(cfg: ConfigBase, out: str | os.PathLike[str], name: str | None = None,
-          log_to_mlflow: bool = True) -> list[TrainOutcome]:
-    """Train ``cfg.method`` per product or across products; returns one outcome per run."""
+          log_to_mlflow: bool = True, overwrite: bool = False) -> list[TrainOutcome]:
+    """Train ``cfg.method`` per product or across products; returns one outcome per run.
+
+    Output policy (``defectforge.paths``): ``out`` is a run root (new, empty, or one defectforge
+    made); each run folder ``<out>/<name>`` is created, or resumed only when its recorded data,
+    split and training config match (``verify_resume``), or replaced whole with ``overwrite``.
+    """
     import ray
 
-    out_dir = Path(out).resolve()
+    from defectforge.cluster import check_gpus_available
+    from defectforge.errors import ConfigError
+    from defectforge.paths import claim_output, safe_component
+
+    if name is not None:
+        safe_component(name, "run name", error=ConfigError)
+    out_dir, _ = claim_output(out, "run-root", resumable=True, flag="--out", legacy=("mlflow.db", "ray"))
+    out_dir = out_dir.resolve()
     storage = str(out_dir / "ray")
+    check_gpus_available(cfg.train.scaling.use_gpu, "train.scaling.use_gpu")
     data = load_training_data(cfg)
     products = list(data.context.products)
     groups = [[p] for p in products] if cfg.train.mode == "per-product" else [products]
-    ensure_ray()
 
-    jobs = []
+    # Every run folder is checked before any is written or Ray starts: all or nothing.
+    planned = []
     for group in groups:
         sub = data.for_products(group)
         run_name = name if (name and len(groups) == 1) else (f"{name}-{group[0]}" if name else default_name(cfg, group))
+        safe_component(run_name, "run name", error=ConfigError)
         run_dir = out_dir / run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "split_manifest.json").write_text(json.dumps(sub.manifest, indent=2))
-        mlflow_info = _mlflow_run(cfg, run_name, sub, run_dir) if log_to_mlflow else None
+        _, resumed = claim_output(run_dir, "train-run", overwrite=overwrite, resumable=True, flag="run folder",
+                                  legacy=("config.yaml",), create=False)
+        if resumed:
+            verify_resume(run_dir, cfg, sub.manifest)
+        planned.append((group, sub, run_name, run_dir, resumed))
+    ensure_ray()
+
+    jobs = []
+    for group, sub, run_name, run_dir, resumed in planned:
+        if overwrite:
+            shutil.rmtree(Path(storage) / run_name, ignore_errors=True)  # its checkpoints go too
+        claim_output(run_dir, "train-run", overwrite=overwrite, resumable=True, flag="run folder",
+                     legacy=("config.yaml",))
+        if not resumed:
+            save_config(cfg, run_dir / "config.yaml")
+            (run_dir / "split_manifest.json").write_text(json.dumps(sub.manifest, indent=2))
+        mlflow_info = _mlflow_run(cfg, run_name, sub, run_dir, fresh=not resumed) if log_to_mlflow else None
         n_def = sum(r["defect"] != "good" for r in sub.rows)
         print(f"[train] {run_name}: {cfg.method.name} on {group} - {len(sub.rows)} training images "
               f"({n_def} defective), {cfg.train.steps} steps, batch {cfg.train.batch_size}, "

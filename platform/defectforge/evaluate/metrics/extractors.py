@@ -32,8 +32,7 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 STANDARD_NAMES = frozenset({"inception", "lpips"})
 
 
-class MissingWeightsError(FileNotFoundError):
-    """A pretrained weights file is not in the local weights directory (nothing is downloaded)."""
+from defectforge.errors import MissingWeightsError  # noqa: E402  (re-exported here)
 
 
 def resolve_weights_dir(weights_dir: str | os.PathLike[str] | None) -> Path | None:
