@@ -174,18 +174,31 @@ def test_defectgen_space_loads_and_its_points_validate():
     assert load_space(space.source).parameters == space.parameters  # explicit path works too
     assert space.method == "defect-gen"
     d = to_optuna(space)
-    assert d["method.u"].low == 25 and d["method.u"].high == 700 and d["method.u"].log
+    # u inside the laptop preset's trained u_range [100, 500]: a sampling-time choice there
+    assert d["method.u"].low == 100 and d["method.u"].high == 500 and d["method.u"].log
     assert set(d["method.receptive_field"].choices) == {"small", "medium", "large"}
-    assert d["train.lr"].log and d["sampling.steps"] == IntDistribution(10, 50)
+    assert d["sampling.steps"] == IntDistribution(10, 50)
+    assert "train.lr" not in d  # every lr would be a training of its own (train once, sweep many)
     tiny = resolve_config(method="defect-gen", preset="tiny")
     assert space.points_to_evaluate, "the paper's defaults must be evaluated first"
+    fields = []
     for point in space.points_to_evaluate:
         cfg = space.apply(tiny, point)
-        assert cfg.method.receptive_field == "small" and cfg.sampling.sampler == "ddim"
-    first = space.points_to_evaluate[0]
-    assert first["train.lr"] == pytest.approx(tiny.train.lr)
-    # the paper preset accepts the space as well
+        assert cfg.method.u == 200 and cfg.sampling.sampler == "ddim"
+        fields.append(cfg.method.receptive_field)
+    assert fields == ["small", "medium", "large"]  # each trained generator early, the paper's first
+    # the laptop and paper presets accept the space as well (the laptop checks u against u_range)
+    assert load_space("defect-gen", preset="laptop").parameters == space.parameters
     assert load_space("defect-gen", preset="paper").parameters == space.parameters
+
+
+def test_laptop_main_job_space_sweeps_two_receptive_fields_inside_the_trained_u_range():
+    space = load_space(REPO_SPACES / "defectgen_laptop.yaml", preset="laptop")
+    d = to_optuna(space)
+    assert set(d["method.receptive_field"].choices) == {"small", "medium"}
+    laptop = resolve_config(method="defect-gen", preset="laptop")
+    lo, hi = laptop.method.u_range
+    assert (d["method.u"].low, d["method.u"].high) == (lo, hi)
 
 
 def test_crop_paste_space_loads():
@@ -216,7 +229,7 @@ def _tpe_draws(space, seed: int, n: int = 12) -> list[dict]:
         p = trial.params
         draws.append(dict(p))
         # a deterministic objective so TPE's model phase depends only on the seed
-        score = -abs(p["method.u"] - 300) / 700 - abs(p["train.lr"] - 1e-3) * 100 \
+        score = -abs(p["method.u"] - 300) / 700 \
             + (p["method.receptive_field"] == "medium") - p.get("sampling.steps", 0) / 100
         study.tell(trial, score)
     return draws
