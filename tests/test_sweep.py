@@ -28,7 +28,9 @@ TINY = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=4", "eval
 
 def _space(tmp_path: Path, lrs: list[float]) -> Path:
     # "1.0e+30", not "1e+30": YAML 1.1 reads a float without a dot in the mantissa as a string.
-    path = tmp_path / "space.yaml"
+    # Beside the run root, not in it: a run root must be empty or defectforge's own (paths.py).
+    path = tmp_path.with_name(tmp_path.name + "-spaces") / "space.yaml"
+    path.parent.mkdir(exist_ok=True)
     values = [f"{lr:.4e}" for lr in lrs]
     path.write_text("method: defect-gen\nparameters:\n  train.lr:\n    type: categorical\n"
                     f"    choices: [{', '.join(values)}]\n"

@@ -17,7 +17,9 @@ TINY = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=4", "eval
 def test_four_trials_two_differing_only_in_u_train_three_generators(ray_session, synth_root, tmp_path):
     from defectforge.sweep.run import sweep
 
-    space = Path(tmp_path) / "space.yaml"
+    # Beside the run root, not in it: a run root must be empty or defectforge's own (paths.py).
+    space = tmp_path.with_name(tmp_path.name + "-spaces") / "space.yaml"
+    space.parent.mkdir(exist_ok=True)
     # Trials 1 and 2 differ only in u (sampling-time): one training. Trials 3 and 4 change the lr.
     space.write_text(
         "method: defect-gen\nparameters:\n"
