@@ -40,7 +40,7 @@ def test_four_trials_two_differing_only_in_u_train_three_generators(ray_session,
 
     client = mlflow.MlflowClient(summary["tracking_uri"])
     exp = client.get_experiment_by_name("defectforge/defect-gen")
-    runs = client.search_runs([exp.experiment_id], "tags.`defectforge.sweep` = 'reuse' and "
+    runs = client.search_runs([exp.experiment_id], "tags.`defectforge.sweep` = 'reuse-fabric' and "
                                                    "tags.`defectforge.kind` = 'trial'")
     assert len(runs) == 4
     keys = Counter(r.data.tags["defectforge.train_key"] for r in runs)
