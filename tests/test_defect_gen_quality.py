@@ -18,6 +18,7 @@ from defectforge.config import resolve_config
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.xfail(strict=False, reason=(
     "issue 10 acceptance 1 is not met yet: on the 64 px synthetic data the scratch masks measured "
     "0.485 of the real area in CI (hole and stain, KID, contrast and high-frequency passed); the "
