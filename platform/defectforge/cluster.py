@@ -7,7 +7,7 @@ installed in the cluster's site-packages, the driver passes it as a ``py_modules
 Train workers, Tune trials and Ray Data actors import the very code the driver runs.
 
 Why ``outside_placement_group``: a sweep trial runs inside a tiny Tune placement group
-(``{"cpu": 0.01}``) that captures the tasks it starts. The evaluation's own Ray tasks (diversity
+(no CPU, a little memory) that captures the tasks it starts. The evaluation's own Ray tasks (diversity
 metrics, segmentation runs) need whole CPUs, so they are scheduled on the cluster at large.
 """
 

@@ -36,6 +36,9 @@ from defectforge.config import ConfigBase, config_from_dict
 from defectforge.sweep.objectives import Objective, objective_values
 from defectforge.train import reuse
 
+# What a Tune trial reserves for itself (a coordinator process; see run_study).
+TRIAL_MEMORY_BYTES = 64 * 1024**2
+
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
@@ -206,7 +209,11 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="loss", mode="min",
                                   max_t=n_reports + 1, grace_period=max(1, cfg.sweep.grace_period),
                                   reduction_factor=cfg.sweep.reduction_factor)
-    trainable = tune.with_resources(study_trainable(spec), {"cpu": 0.01})
+    # The trial itself only coordinates (its Train run and evaluation schedule their own CPUs outside
+    # its placement group), so it reserves a little memory and no CPU: with even 0.01 CPU per trial,
+    # two trials' 1-CPU Train workers no longer fit a 2-CPU machine (2.02 > 2) and the second
+    # training waited for the first (measured on the laptop main job).
+    trainable = tune.with_resources(study_trainable(spec), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
     path = str(Path(spec.storage) / spec.name)
     from defectforge.sweep import mlflow_runs
 
