@@ -232,12 +232,11 @@ def test_asha_stopped_trial_is_killed_with_its_reason(ray_session, synth_root, t
     [study] = summary["studies"]
     by_lr = {t["params"]["train.lr"]: t for t in study["trials"]}
     assert by_lr[2e-3]["status"] == "done", json.dumps(study["trials"], default=str)
-    runs = {c.data.params.get("train.lr", c.data.tags.get("defectforge.trial_id")): c for c in _children(
-        summary["tracking_uri"], "asha-fabric")}
-    assert all(c.info.status != "RUNNING" for c in runs.values()), [c.info.status for c in runs.values()]
-    stopped = [c for c in runs.values() if c.info.status == "KILLED"]
+    runs = _children(summary["tracking_uri"], "asha-fabric")
+    assert all(c.info.status != "RUNNING" for c in runs), [c.info.status for c in runs]
+    stopped = [c for c in runs if c.info.status == "KILLED"]
     assert len(stopped) == 1, [(c.info.run_name, c.info.status, c.data.tags.get("defectforge.end_reason"))
-                               for c in runs.values()]
+                               for c in runs]
     assert stopped[0].data.tags["defectforge.end_reason"].startswith("stopped by ASHA at training_iteration")
     assert stopped[0].data.tags["defectforge.trial_id"] == by_lr[1e-12]["trial_id"]
 
