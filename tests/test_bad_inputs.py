@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -443,15 +445,24 @@ def test_yaml_section_given_as_a_string_names_the_file(world, capsys):
     assert not (world / "runs").exists()
 
 
-def test_gpu_request_without_a_gpu_is_refused_before_ray(world, capsys, monkeypatch):
-    if torch.cuda.is_available() or _ray_started():
-        pytest.skip("needs a machine without a GPU and no Ray cluster in this process")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    code, err = run(["train", "--data", world / "data", "--out", world / "runs", "--no-mlflow",
-                     "train.scaling.use_gpu=true", "train.scaling.num_workers=1"], capsys)
-    assert code == 2
-    one_line_error(err, "train.scaling.use_gpu")
-    assert not _ray_started()
+def test_gpu_request_without_a_gpu_is_refused_before_ray(world):
+    """Run in a fresh interpreter: whether Ray is up in this pytest process (earlier tests start it)
+    must not decide whether the check runs, and the child reports whether the refusal started Ray."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    script = ("import sys, ray\n"
+              "from defectforge import cli\n"
+              "code = cli.main(sys.argv[1:])\n"
+              "print('RAY_STARTED', ray.is_initialized())\n"
+              "sys.exit(code)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script, "train", "--data", str(world / "data"),
+                           "--out", str(world / "runs"), "--no-mlflow", "train.scaling.use_gpu=true",
+                           "train.scaling.num_workers=1"],
+                          capture_output=True, text=True, env=env, cwd=world / "cwd", timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    one_line_error(proc.stderr, "train.scaling.use_gpu")
+    assert "RAY_STARTED False" in proc.stdout
 
 
 def test_unknown_product_for_train_is_named(world, capsys):
