@@ -165,6 +165,9 @@ class EvaluationConfig(_Strict):
     seg_seeds: int = Field(2, ge=1)
     seg_steps: int = Field(300, ge=1)
     synthetic_ratio: float = Field(1.0, ge=0)
+    cache_real_segmentation: bool = Field(
+        True, description="reuse the real-only segmentation baseline (identical for every trial of a study) "
+                          "from <run_root>/cache/segmentation-real, keyed by a hash of its rows, seed and steps")
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0)
 

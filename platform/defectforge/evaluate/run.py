@@ -256,26 +256,96 @@ def _seg_task(condition: str, product: str, real_train: list[dict], test: list[d
     return out
 
 
+def real_seg_key(train_rows: list[dict], test_rows: list[dict], seed: int, steps: int) -> str:
+    """Content hash of everything a ``real`` (real-only) segmentation run depends on.
+
+    Why: the real-only baseline is the same computation for every trial of a study (same rows,
+    seed, steps; no generated pair enters it), and it is half of each trial's segmentation work.
+    The key covers the rows' pixels, masks and names in order, the seed, the step count, the
+    validation fraction, the source of the segmentation modules and the torch/numpy versions, so
+    any change to what the run would compute gives a new key. The run is deterministic for these
+    inputs on CPU (seeded, one thread per Ray task; ``test_segmentation`` checks a repeat is
+    identical), so a cached result is the result a fresh run would give.
+    """
+    import hashlib
+
+    import defectforge.evaluate.seg_metrics as m1
+    import defectforge.evaluate.segmentation as m2
+    import defectforge.evaluate.segmenter as m3
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=20)
+    for mod in (m1, m2, m3):
+        h.update(Path(mod.__file__).read_bytes())
+    h.update(f"{torch.__version__}|{np.__version__}|{seed}|{steps}|{SEG_VAL_FRACTION}".encode())
+    for name, rows in (("train", train_rows), ("test", test_rows)):
+        h.update(f"{name}:{len(rows)}".encode())
+        for r in rows:
+            img, mask = np.ascontiguousarray(r["image"]), np.ascontiguousarray(r["mask"])
+            h.update(f"{r.get('product')}/{r.get('defect')}/{r.get('id')}/{r.get('split')}|{img.shape}|{mask.shape}"
+                     .encode())
+            h.update(img.tobytes())
+            h.update(mask.tobytes())
+    return h.hexdigest()
+
+
+def _read_cached(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, ValueError):  # a damaged entry is recomputed (and rewritten), never trusted
+        return None
+    return out if isinstance(out, dict) and out.get("condition") == "real" else None
+
+
+def _write_cached(path: Path, result: dict[str, Any]) -> None:
+    """Atomic (temp file + rename): two trials finishing the same baseline at once both write whole
+    files, and a reader never sees half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    tmp.write_text(json.dumps(result, default=float))
+    os.replace(tmp, path)
+
+
 def run_segmentation(real: dict[str, Any], products: list[str], pair_refs: list[Any], seeds: list[int],
-                     steps: int, ratio: float) -> dict[str, Any]:
-    """Products x seeds x {real, real+synthetic} as Ray tasks; per product ``aggregate_runs``."""
+                     steps: int, ratio: float, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Products x seeds x {real, real+synthetic} as Ray tasks; per product ``aggregate_runs``.
+
+    With ``cache_dir`` the real-only runs are looked up by ``real_seg_key`` and only missing ones
+    run (then stored): a sweep computes its baseline once instead of once per trial. A run read
+    from the cache carries ``"cached": true`` in ``segmentation_runs.json``.
+    """
     import ray
 
-    from defectforge.evaluate.segmentation import CONDITIONS, aggregate_runs
+    from defectforge.evaluate.segmentation import CONDITIONS, REAL, aggregate_runs
 
     from defectforge.cluster import outside_placement_group
 
     task = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy=outside_placement_group())(_seg_task)
-    refs = []
+    refs, cached, to_store = [], [], []
     for p in products:
-        train_ref = ray.put([r for r in real["few_shot"] + real["good_train"] if r["product"] == p])
-        test_ref = ray.put([r for r in real["test"] if r["product"] == p])
+        train_rows = [r for r in real["few_shot"] + real["good_train"] if r["product"] == p]
+        test_rows = [r for r in real["test"] if r["product"] == p]
+        train_ref, test_ref = ray.put(train_rows), ray.put(test_rows)
         for seed in seeds:
             for cond in CONDITIONS:
+                path = None
+                if cond == REAL and cache_dir is not None:
+                    path = cache_dir / f"{real_seg_key(train_rows, test_rows, seed, steps)}.json"
+                    hit = _read_cached(path)
+                    if hit is not None:
+                        cached.append({**hit, "product": p, "cached": True})
+                        continue
                 refs.append(task.remote(cond, p, train_ref, test_ref, seed, steps, ratio, *pair_refs))
+                to_store.append(path)
     runs = ray.get(refs)
+    for path, r in zip(to_store, runs):
+        if path is not None:
+            _write_cached(path, {k: v for k, v in r.items() if k != "product"})
     by_product: dict[str, list[dict]] = defaultdict(list)
-    for r in runs:
+    for r in runs + cached:
         by_product[r["product"]].append(r)
     return {p: {**aggregate_runs(by_product[p]), "runs": [{k: v for k, v in r.items() if k != "product"}
                                                            for r in by_product[p]]} for p in products}
@@ -293,6 +363,19 @@ def _seg_overall(seg: dict[str, Any]) -> dict[str, float]:
             stds = [seg[p][cond][m]["std"] for p in seg]
             out[f"{prefix}_{m}_std"] = float(np.mean(stds)) if all(_finite(s) for s in stds) else math.nan
     return out
+
+
+def _seg_cache_dir(cfg: ConfigBase, run_root: Path) -> Path | None:
+    """``<run_root>/cache/segmentation-real`` when caching is on and ``run_root`` is a run root
+    defectforge claimed (a sweep's, or ``evaluate``'s own); never a folder it did not create."""
+    from defectforge.paths import read_marker
+
+    if not cfg.evaluation.cache_real_segmentation:
+        return None
+    marker = read_marker(run_root) if run_root.is_dir() else None
+    if not marker or marker.get("kind") != "run-root":
+        return None
+    return run_root / "cache" / "segmentation-real"
 
 
 # -------------------------------------------------------------------------------------- main
@@ -393,7 +476,8 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
               flush=True)
     if ev.segmentation and len(seg_skipped) < len(metrics["products"]):
         seg = run_segmentation(real, [p for p in metrics["products"] if p not in seg_skipped], result.pair_refs,
-                               list(range(ev.seg_seeds)), ev.seg_steps, ev.synthetic_ratio)
+                               list(range(ev.seg_seeds)), ev.seg_steps, ev.synthetic_ratio,
+                               cache_dir=_seg_cache_dir(cfg, run_root))
         for p, s in seg.items():
             metrics["products"][p]["segmentation"] = {k: s[k] for k in ("seeds", "real", "real+synthetic", "gain",
                                                                         "std")}
@@ -409,6 +493,8 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
         "overall": metrics["overall"], "products": metrics["products"],
         "segmentation": (_seg_overall(seg) | {"seeds": list(range(ev.seg_seeds)), "steps": ev.seg_steps,
                                               "synthetic_ratio": ev.synthetic_ratio,
+                                              "real_runs_cached": sum(bool(r.get("cached")) for s in seg.values()
+                                                                      for r in s["runs"]),
                                               "std": "sample std over seeds (ddof=1)"}) if seg else {},
         "segmentation_skipped": seg_skipped if ev.segmentation else {},
         "artifacts": {"dir": str(out_dir), "pairs": str(result.pairs_path), "features": str(result.features_path)},
