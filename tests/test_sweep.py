@@ -129,12 +129,16 @@ def test_ray_job_submit_runs_a_multi_objective_sweep_to_succeeded(ray_head, synt
 
 
 def test_killed_sweep_resumes_and_runs_every_trial_once(ray_session, synth_root, tmp_path):
+    """Also issue 10's "a killed-and-restored sweep trains none twice": the two trials differ only
+    in u (sampling-time), so the second reuses the first's generator, before or after the kill."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     job = Path(__file__).resolve().parents[1] / "jobs" / "sweep_defectgen.py"
+    space = _space(tmp_path, [0.0005])
+    space.write_text("method: defect-gen\nparameters:\n  method.u: {type: categorical, choices: [100, 300]}\n"
+                     "points_to_evaluate:\n  - {method.u: 100}\n  - {method.u: 300}\n")
     cmd = [sys.executable, str(job), "--data", str(synth_root), "--products", "fabric", "--trials", "2",
            "--concurrency", "1", "--name", "rs", "--run-root", str(tmp_path), "--summary-json",
-           str(tmp_path / "rs.json"), f"--space={_space(tmp_path, [0.0005, 0.002])}",
-           "sweep.scheduler=none", *TINY]
+           str(tmp_path / "rs.json"), f"--space={space}", "sweep.scheduler=none", *TINY]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -154,6 +158,8 @@ def test_killed_sweep_resumes_and_runs_every_trial_once(ray_session, synth_root,
     assert list(before.values()).count("FINISHED") < 2  # the sweep really was interrupted
     evaluated = {t: (tmp_path / "sweeps" / "eval" / f"rs-fabric-{t}" / "summary.json").stat().st_mtime_ns
                  for t, status in before.items() if status == "FINISHED"}
+    trained = {str(p): p.stat().st_mtime_ns for p in trained_paths(tmp_path)}
+    assert any(p.endswith("TRAINED.json") for p in trained)  # the first trial's generator is done
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -169,6 +175,16 @@ def test_killed_sweep_resumes_and_runs_every_trial_once(ray_session, synth_root,
         assert summary_file.stat().st_mtime_ns == mtime, detail
     summary = json.loads((tmp_path / "rs.json").read_text())
     assert sorted(t["status"] for t in summary["studies"][0]["trials"]) == ["done"] * 2
+    # Trained once: one generator for both trials, its marker and weights untouched by the restore.
+    tags = [c.data.tags for c in children]
+    assert len({t["defectforge.train_key"] for t in tags}) == 1, detail
+    assert sorted(t["defectforge.trained_here"] for t in tags) == ["false", "true"], detail
+    assert {str(p): p.stat().st_mtime_ns for p in trained_paths(tmp_path)} == trained, detail
+
+
+def trained_paths(root: Path) -> list[Path]:
+    """Every file of the sweep's trainings: train-once markers and the Train runs' checkpoints."""
+    return [p for d in ("train-once", "train") for p in (root / "sweeps" / d).rglob("*") if p.is_file()]
 
 
 def _spec(name: str, product: str, tmp_path: Path):
