@@ -1,4 +1,11 @@
-"""Benchmarks. ``python jobs/benchmark.py eval``: the Ray Data evaluation pipeline vs a plain loop.
+"""Benchmarks: ``python jobs/benchmark.py {eval,train,sample,sweep}``, each a ratio measured in one run.
+
+``eval``: the Ray Data evaluation pipeline vs a plain loop (below). ``train``: a training step's
+achieved GFLOP/s as a fraction of this machine's matmul rate. ``sample``: Defect-Gen's fast
+sampler vs the official 1000-step DDPM, pairs/s and KID. ``sweep``: a sweep's wall time vs the sum
+of its trials' own train + evaluate times.
+
+``eval`` in detail:
 
 Both sides do the same work on the same conditions: generate ``n_per_defect`` pairs per
 (product, defect) from one checkpoint, extract features and logits of the generated and real
@@ -14,7 +21,6 @@ Without ``--checkpoint`` a Crop-Paste checkpoint is built from the data's few-sh
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import tempfile
 import time
@@ -40,22 +46,21 @@ def sequential(cfg, checkpoint: Path, rows, real, references, extractor_kind: st
         GaussianStats, build_lpips, fid_from_stats, ic_lpips, inception_score_from_logits, kid, make_extractor,
         mask_quality, mean_pairwise_lpips)
     from defectforge.generate import ConditionSource, GenerationPlan, sample_pairs
-    from defectforge.methods.base import load_generator
+    from defectforge.methods.base import SamplingOptions, load_generator
 
     gen = load_generator(checkpoint)
     source = ConditionSource.for_generator(gen, str(cfg.data.path), cfg.data.split, seed=cfg.sampling.seed)
     extractor = make_extractor(extractor_kind, cfg.evaluation.weights_dir)
     lpips = build_lpips(lpips_kind, cfg.evaluation.weights_dir)
     bs = cfg.sampling.batch_size
-    accepted = inspect.signature(gen.sample).parameters
-    kwargs = {k: v for k, v in {"sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps}.items()
-              if k in accepted and v is not None}
+    options = SamplingOptions(sampler=cfg.sampling.sampler, steps=cfg.sampling.steps,
+                              method=gen.default_sampling.method)
     groups: dict = defaultdict(lambda: {"img": [], "mask": [], "f": [], "l": []})
     for start in range(0, len(rows), bs):
         chunk = rows[start:start + bs]
         plan = GenerationPlan([r["product"] for r in chunk], [r["defect"] for r in chunk])
         pairs, _ = sample_pairs(gen, plan, cfg.sampling.seed * 1_000_003 + chunk[0]["index"], len(chunk),
-                                progress=False, source=source, **kwargs)
+                                progress=False, source=source, options=options)
         images = np.stack([p["image"] for p in pairs])
         f, lg = extractor.features(images), extractor.logits(images)
         for i, p in enumerate(pairs):
@@ -124,6 +129,10 @@ def bench_eval(args: argparse.Namespace) -> dict:
     real = load_real(cfg, root, list(classes), int(context["resolution"]))
     references = reference_sets(real)
 
+    from defectforge.methods.base import SamplingOptions, checkpoint_sampling
+
+    options = SamplingOptions(sampler=cfg.sampling.sampler, steps=cfg.sampling.steps,
+                              method=checkpoint_sampling(read_checkpoint_meta(checkpoint)).method)
     t = time.perf_counter()
     sequential(cfg, checkpoint, rows, real["reference"], references, "randfeat", "randnet")
     seq_s = time.perf_counter() - t
@@ -132,9 +141,8 @@ def bench_eval(args: argparse.Namespace) -> dict:
     spec = PipelineSpec(extractor="randfeat", weights_dir=None, lpips_kind="randnet", num_actors=args.num_actors,
                         batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed)
     t = time.perf_counter()
-    gen = generated_from_checkpoint(checkpoint, rows, spec, {"sampler": cfg.sampling.sampler,
-                                                             "steps": cfg.sampling.steps},
-                                    data_root=str(root), split=cfg.data.split.model_dump(mode="json"))
+    gen = generated_from_checkpoint(checkpoint, rows, spec, options, data_root=str(root),
+                                    split=cfg.data.split.model_dump(mode="json"))
     result = run_pipeline(gen, real["reference"], references, spec, scratch / "artifacts")
     pipe_s = time.perf_counter() - t
 
@@ -228,8 +236,146 @@ def bench_train(args: argparse.Namespace) -> dict:
     return figures
 
 
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="a trained Defect-Gen generator dir, e.g. the main job's best "
+                                        "(default: train the laptop preset here first, about 6 minutes)")
+    p.add_argument("--data", help="dataset root (default: built-in synthetic)")
+    p.add_argument("--n-per-defect", type=int, default=16, help="pairs per defect type on each side")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps of the fast sampler (default: sampling.steps "
+                                                          "of the laptop preset, 25)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (an evaluation actor gets 1)")
+    p.add_argument("--out", default=None, help="scratch dir (default: a temporary one)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _generator_dir(path: Path) -> Path:
+    """A Train checkpoint holds the generator in ``generator/``; accept either."""
+    return path / "generator" if (path / "generator" / "config.json").is_file() else path
+
+
+def bench_sample(args: argparse.Namespace) -> dict:
+    """Pairs/s of the fast sampler (DDIM, ``--steps``) against the official procedure (DDPM over
+    all T = 1000 steps), on the same trained generator, conditions and seed; KID of each side
+    against the same real images (randfeat features, pooled over types) says whether the quality
+    is equal (goal: within 10 %)."""
+    import torch
+
+    from defectforge.config import resolve_config
+    from defectforge.evaluate.metrics import kid, make_extractor
+    from defectforge.evaluate.pipeline import conditions_rows
+    from defectforge.evaluate.run import load_real
+    from defectforge.generate import ConditionSource, GenerationPlan, sample_pairs
+    from defectforge.methods.base import SamplingOptions, load_generator
+    from defectforge.train.data import resolve_data_root
+
+    torch.set_num_threads(args.threads)
+    scratch = Path(args.out or tempfile.mkdtemp(prefix="df-bench-"))
+    cfg = resolve_config("defect-gen", "laptop", None, [
+        f"tracking.run_root={scratch}", *([f"data.path={args.data}"] if args.data else []), *args.overrides])
+    root = resolve_data_root(cfg)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(root)})})
+    if args.checkpoint:
+        checkpoint = _generator_dir(Path(args.checkpoint))
+    else:
+        from defectforge.train.runner import train
+
+        _ray(args.address)
+        print("[benchmark sample] no --checkpoint: training the laptop preset first", flush=True)
+        [outcome] = train(cfg, scratch / "train", name="bench", log_to_mlflow=False)
+        if outcome.error or outcome.checkpoint is None:
+            raise SystemExit(f"error: training for the sample benchmark failed: {outcome.error}")
+        checkpoint = _generator_dir(Path(outcome.checkpoint))
+    gen = load_generator(checkpoint)
+    if gen.config.name != "defect-gen":
+        raise SystemExit(f"error: --checkpoint {checkpoint} is a {gen.config.name} generator; the sample "
+                         "benchmark compares Defect-Gen's samplers")
+    classes = {p: tuple(gen.context.classes[p]) for p in gen.context.products}
+    rows = conditions_rows(classes, args.n_per_defect)
+    real = load_real(cfg, root, list(classes), gen.context.resolution)["reference"]
+    source = ConditionSource.for_generator(gen, str(root), cfg.data.split, seed=cfg.sampling.seed)
+    extractor = make_extractor("randfeat", None)
+    real_f = extractor.features(np.stack([r["image"] for r in real]))
+    plan = GenerationPlan([r["product"] for r in rows], [r["defect"] for r in rows])
+    fast_steps = args.steps or cfg.sampling.steps
+
+    def side(sampler: str, steps: int | None) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        options = gen.default_sampling.merged(sampler=sampler, steps=steps)
+        if steps is None:
+            options = SamplingOptions(sampler=sampler, steps=None, method=options.method)
+        pairs, _ = sample_pairs(gen, plan, cfg.sampling.seed, cfg.sampling.batch_size, progress=False,
+                                source=source, options=options)
+        seconds = time.perf_counter() - t0
+        f = extractor.features(np.stack([p["image"] for p in pairs]))
+        return seconds, kid(f, real_f)
+
+    T = gen.config.num_train_timesteps
+    print(f"[benchmark sample] {len(rows)} pairs of {checkpoint}, u = {gen.config.u}, batch {cfg.sampling.batch_size}, "
+          f"{args.threads} thread(s); the official side (DDPM, {T} steps) takes a while", flush=True)
+    fast_s, fast_kid = side("ddim", fast_steps)
+    print(f"  fast sampler (DDIM, {fast_steps} steps): {fast_s:8.2f} s, {len(rows) / fast_s:.2f} pairs/s, "
+          f"KID {fast_kid:.5f}", flush=True)
+    slow_s, slow_kid = side("ddpm", None)
+    print(f"  official (DDPM, {T} steps)     : {slow_s:8.2f} s, {len(rows) / slow_s:.3f} pairs/s, KID {slow_kid:.5f}")
+    rel = (fast_kid - slow_kid) / abs(slow_kid) if slow_kid else float("nan")
+    print(f"  ratio pairs/s fast/official: {slow_s / fast_s:.1f}x (goal >= 20); KID fast vs official {rel:+.1%} "
+          f"({'within' if abs(rel) <= 0.10 else 'NOT within'} 10 %; KID of {len(rows)} pairs is noisy)")
+    return {"benchmark": "sample", "pairs": len(rows), "checkpoint": str(checkpoint), "u": gen.config.u,
+            "baseline": f"DDPM {T} steps", "baseline_s": slow_s, "baseline_kid": slow_kid,
+            "measured": f"DDIM {fast_steps} steps", "measured_s": fast_s, "measured_kid": fast_kid,
+            "ratio": slow_s / fast_s, "kid_relative_difference": rel}
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from-summary", metavar="JSON", help="an earlier sweep's --summary-json (e.g. the main job's) "
+                                                          "instead of running a sweep here")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "laptop", "paper"))
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--out", default=None, help="scratch dir (default: a temporary one)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def bench_sweep(args: argparse.Namespace) -> dict:
+    """A sweep's wall time against the sum of its trials' own work (each trial's training, when it
+    trained, + its evaluation, as the trials timed themselves): what Tune, MLflow, Ray start-up
+    and waiting add, less what running trials side by side saves. Goal <= 1.15."""
+    import json
+
+    if args.from_summary:
+        summary = json.loads(Path(args.from_summary).read_text())
+    else:
+        from defectforge.config import resolve_config
+        from defectforge.sweep.run import sweep
+        from defectforge.train.data import resolve_data_root
+
+        scratch = Path(args.out or tempfile.mkdtemp(prefix="df-bench-"))
+        cfg = resolve_config("defect-gen", args.preset, None, [
+            f"tracking.run_root={scratch}", f"sweep.num_trials={args.trials}", f"sweep.max_concurrent={args.concurrency}",
+            "sweep.register_model=false", "evaluation.feature_extractor=randfeat", *args.overrides])
+        root = resolve_data_root(cfg)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(root)})})
+        _ray(args.address)
+        summary = sweep(cfg)
+    trials = [t for s in summary["studies"] for t in s["trials"] if t.get("status") == "done"]
+    timed = [t for t in trials if "eval_s" in t]
+    if not timed:
+        raise SystemExit("error: no finished trial with its own times (train_s, eval_s) in the summary; "
+                         "sweeps record them since this version")
+    own = sum(t.get("train_s", 0.0) + t["eval_s"] for t in timed)
+    wall = float(summary["duration_s"])
+    print(f"[benchmark sweep] {len(timed)} finished trial(s), {sum(t.get('train_s', 0) > 0 for t in timed)} trained here")
+    print(f"  sum of the trials' own train + evaluate: {own:8.1f} s "
+          f"(train {sum(t.get('train_s', 0.0) for t in timed):.1f} s, evaluate {sum(t['eval_s'] for t in timed):.1f} s)")
+    print(f"  sweep wall time                        : {wall:8.1f} s")
+    print(f"  ratio wall / own: {wall / own:.2f} (goal <= 1.15)")
+    return {"benchmark": "sweep", "trials": len(timed), "baseline": "sum of trials' own train + evaluate",
+            "baseline_s": own, "measured": "sweep wall time", "measured_s": wall, "ratio": wall / own}
+
+
 #: subcommand -> (add its arguments, run it and return its figures)
-BENCHMARKS = {"eval": (add_eval_args, bench_eval), "train": (add_train_args, bench_train)}
+BENCHMARKS = {"eval": (add_eval_args, bench_eval), "train": (add_train_args, bench_train),
+              "sample": (add_sample_args, bench_sample), "sweep": (add_sweep_args, bench_sweep)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -445,23 +445,40 @@ def test_yaml_section_given_as_a_string_names_the_file(world, capsys):
     assert not (world / "runs").exists()
 
 
-def test_gpu_request_without_a_gpu_is_refused_before_ray(world):
-    """Run in a fresh interpreter: whether Ray is up in this pytest process (earlier tests start it)
-    must not decide whether the check runs, and the child reports whether the refusal started Ray."""
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without a GPU")
+def run_fresh(world: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """``defectforge <argv>`` in a fresh interpreter that reports whether it started Ray: whether
+    Ray is up in this pytest process (earlier tests start it) must not decide what is checked."""
     script = ("import sys, ray\n"
               "from defectforge import cli\n"
               "code = cli.main(sys.argv[1:])\n"
               "print('RAY_STARTED', ray.is_initialized())\n"
               "sys.exit(code)\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", script, "train", "--data", str(world / "data"),
-                           "--out", str(world / "runs"), "--no-mlflow", "train.scaling.use_gpu=true",
-                           "train.scaling.num_workers=1"],
-                          capture_output=True, text=True, env=env, cwd=world / "cwd", timeout=300)
+    return subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True, env=env,
+                          cwd=world / "cwd", timeout=300)
+
+
+def test_gpu_request_without_a_gpu_is_refused_before_ray(world):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    proc = run_fresh(world, ["train", "--data", world / "data", "--out", world / "runs", "--no-mlflow",
+                             "train.scaling.use_gpu=true", "train.scaling.num_workers=1"])
     assert proc.returncode == 2, proc.stderr
     one_line_error(proc.stderr, "train.scaling.use_gpu")
+    assert "RAY_STARTED False" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_resolution_the_receptive_field_cannot_divide_fails_before_ray(world, command):
+    """Issue 11 acceptance 4: the generator is built on the meta device while the config is
+    validated, so the mismatch is one line naming the fields, and no Ray session was started."""
+    out = ["--out", world / "runs", "--no-mlflow"] if command == "train" else [
+        "--method", "defect-gen", "--trials", "1", "--run-root", world / "runs"]
+    # The large UNet's 6 downsamplings need a multiple of 64, whatever the swept receptive field.
+    argv = [command, "--data", world / "data", *out, "data.resolution=96", "evaluation.feature_extractor=randfeat"]
+    proc = run_fresh(world, argv)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    one_line_error(proc.stderr, "data.resolution", "method.large_downsamplings")
     assert "RAY_STARTED False" in proc.stdout
 
 

@@ -15,7 +15,8 @@ from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file, save_file
 
 from defectforge.config import ConfigError, resolve_config
-from defectforge.methods.base import CheckpointError, Conditions, GeneratorContext, build_generator, load_generator
+from defectforge.methods.base import (CheckpointError, Conditions, GeneratorContext, SamplingOptions, build_generator,
+                                      load_generator)
 from defectforge.nn.unets import count_downsamplings
 
 CTX = GeneratorContext(products=("p",), classes={"p": ("hole", "scratch")}, resolution=64)
@@ -95,7 +96,7 @@ def test_training_step_rejects_bad_batch():
 def test_ddpm_switches_models_at_u_on_one_trajectory():
     gen = make("method.num_train_timesteps=50", "method.u=20")
     calls = record_calls(gen)
-    gen.sample(1, Conditions(["p"], ["hole"]), seed=0, sampler="ddpm")
+    gen.sample(1, Conditions(["p"], ["hole"]), seed=0, options=SamplingOptions(sampler="ddpm"))
     assert [t for _, t in calls] == list(range(49, -1, -1))  # one pass T-1 -> 0, no restart
     assert [t for m, t in calls if m == "unet_large"] == list(range(49, 19, -1))
     assert [t for m, t in calls if m == "unet_small"] == list(range(19, -1, -1))
@@ -105,7 +106,7 @@ def test_ddpm_switches_models_at_u_on_one_trajectory():
 def test_ddim_switch_maps_onto_the_step_grid(u, large_last, small_first):
     gen = make(f"method.u={u}")
     calls = record_calls(gen)
-    gen.sample(1, Conditions(["p"], ["scratch"]), seed=0, sampler="ddim", steps=10)
+    gen.sample(1, Conditions(["p"], ["scratch"]), seed=0, options=SamplingOptions(sampler="ddim", steps=10))
     grid = list(range(999, 0, -100))  # trailing spacing: 999, 899, ..., 99
     assert [t for _, t in calls] == grid
     large = [t for m, t in calls if m == "unet_large"]
@@ -125,7 +126,7 @@ def test_masks_hold_only_the_products_class_ids():
         for unet in (gen.unet_large, gen.unet_small):
             unet.conv_out.bias[3 + 2] = 50.0  # x0 prediction (the default): a large x0 in that channel
     out = gen.sample(4, Conditions(["p", "q", "p", "q"], ["scratch", "crack", "good", "crack"]), seed=1,
-                     sampler="ddim", steps=5, batch_size=3)
+                     options=SamplingOptions(sampler="ddim", steps=5, batch_size=3))
     assert out.images.dtype == np.uint8 and out.images.shape == (4, 64, 64, 3)
     assert out.masks.dtype == np.uint8 and out.masks.shape == (4, 64, 64)
     assert out.product == ["p", "q", "p", "q"] and out.defect == ["scratch", "crack", "good", "crack"]
@@ -149,18 +150,18 @@ def test_decode_restricts_the_argmax_to_valid_ids():
 def test_unknown_condition_is_a_clear_error():
     gen = make("method.num_train_timesteps=50", "method.u=25")
     with pytest.raises(KeyError, match="dent"):
-        gen.sample(1, Conditions(["p"], ["dent"]), seed=0, steps=2)
+        gen.sample(1, Conditions(["p"], ["dent"]), seed=0, options=SamplingOptions(steps=2))
     with pytest.raises(KeyError, match="unknown product"):
-        gen.sample(1, Conditions(["zz"], ["hole"]), seed=0, steps=2)
+        gen.sample(1, Conditions(["zz"], ["hole"]), seed=0, options=SamplingOptions(steps=2))
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_seeds_reproduce(sampler):
     gen = make("method.num_train_timesteps=50", "method.u=20")
     cond = Conditions(["p", "p"], ["hole", "good"])
-    a = gen.sample(2, cond, seed=3, sampler=sampler, steps=6)
-    b = gen.sample(2, cond, seed=3, sampler=sampler, steps=6)
-    c = gen.sample(2, cond, seed=4, sampler=sampler, steps=6)
+    a = gen.sample(2, cond, seed=3, options=SamplingOptions(sampler=sampler, steps=6))
+    b = gen.sample(2, cond, seed=3, options=SamplingOptions(sampler=sampler, steps=6))
+    c = gen.sample(2, cond, seed=4, options=SamplingOptions(sampler=sampler, steps=6))
     assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
     assert not np.array_equal(a.images, c.images)
 
@@ -169,12 +170,16 @@ def test_seeds_reproduce(sampler):
 def test_save_load_round_trip_and_strict_keys(tmp_path):
     gen = make("method.num_train_timesteps=50", "method.u=20")
     cond = Conditions(["p"], ["scratch"])
-    ref = gen.sample(1, cond, seed=5, sampler="ddpm", steps=8)
+    ref = gen.sample(1, cond, seed=5, options=SamplingOptions(sampler="ddpm", steps=8))
     ckpt = gen.save_pretrained(tmp_path / "ckpt")
     loaded = load_generator(ckpt)
-    out = loaded.sample(1, cond, seed=5, sampler="ddpm", steps=8)
+    out = loaded.sample(1, cond, seed=5, options=SamplingOptions(sampler="ddpm", steps=8))
     assert np.array_equal(ref.images, out.images) and np.array_equal(ref.masks, out.masks)
-    assert load_generator(ckpt, method_overrides={"u": 30}).config.u == 30
+    # Sampling-time fields change per call through SamplingOptions; weight-shaping ones are refused.
+    assert loaded.default_sampling.method == {"u": 20}
+    assert loaded.sample(1, cond, seed=5, options=SamplingOptions(steps=8, method={"u": 30})).extras["u"] == 30
+    with pytest.raises(ConfigError, match="method.receptive_field is not a sampling-time field"):
+        loaded.sample(1, cond, seed=5, options=SamplingOptions(steps=8, method={"receptive_field": "large"}))
 
     weights = ckpt / "unet_small.safetensors"
     state = load_file(str(weights))
@@ -312,7 +317,7 @@ def test_grayscale_data_is_one_image_channel_and_comes_back_as_three():
     batch = fixed_batch()
     batch["image"] = batch["image"][:, :1].expand(-1, 3, -1, -1).contiguous()
     assert torch.isfinite(gen.training_step(batch, "diffusion")["loss"])
-    out = gen.sample(2, Conditions(["p", "p"], ["hole", "scratch"]), seed=0, steps=3)
+    out = gen.sample(2, Conditions(["p", "p"], ["hole", "scratch"]), seed=0, options=SamplingOptions(steps=3))
     assert out.images.shape == (2, 64, 64, 3)
     assert (out.images[..., 0] == out.images[..., 1]).all() and (out.images[..., 0] == out.images[..., 2]).all()
     assert make("method.grayscale_as_one_channel=false", context=ctx).image_channels == 3

@@ -47,7 +47,7 @@ def test_pipeline_metrics_equal_plain_loop(ray_session, synth_root, tmp_path):
 
     from defectforge.evaluate.pipeline import PipelineSpec, conditions_rows, generated_from_checkpoint, run_pipeline
     from defectforge.evaluate.run import fidelity_and_diversity, load_real
-    from defectforge.methods.base import read_checkpoint_meta
+    from defectforge.methods.base import SamplingOptions, read_checkpoint_meta
 
     bench = _plain_loop()
     cfg = _cfg(synth_root, tmp_path, "sampling.batch_size=4")
@@ -61,8 +61,7 @@ def test_pipeline_metrics_equal_plain_loop(ray_session, synth_root, tmp_path):
 
     spec = PipelineSpec(extractor="randfeat", weights_dir=None, lpips_kind="randnet", num_actors=2,
                         batch_size=4, seed=cfg.sampling.seed)
-    gen = generated_from_checkpoint(checkpoint, rows, spec, {"sampler": cfg.sampling.sampler,
-                                                             "steps": cfg.sampling.steps},
+    gen = generated_from_checkpoint(checkpoint, rows, spec, SamplingOptions.from_config(cfg),
                                     data_root=str(synth_root), split=cfg.data.split.model_dump(mode="json"))
     result = run_pipeline(gen, real["reference"], references, spec, tmp_path / "artifacts")
     names = {"fid": "fid_randfeat", "kid": "kid_randfeat", "is": "is_randfeat", "lpips": "lpips_randnet",

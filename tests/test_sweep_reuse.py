@@ -3,6 +3,7 @@ shares trained generators (asserted from the MLflow tags every trial's child run
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -57,3 +58,20 @@ def test_four_trials_two_differing_only_in_u_train_three_generators(ray_session,
     # Three Train runs on storage, not four.
     train_dirs = [p for p in (Path(summary["storage"]) / "train-once").iterdir() if p.is_dir()]
     assert len(train_dirs) == 3
+    # Each trial samples with its OWN u, also the one reusing another trial's generator: its
+    # evaluation used it, and its checkpoint (the one generate / the registry get) records it.
+    for r in runs:
+        tid, u = r.data.tags["defectforge.trial_id"], int(float(r.data.params["method.u"]))
+        evaluated = json.loads((Path(summary["storage"]) / "eval" / f"reuse-fabric-{tid}" / "summary.json").read_text())
+        assert evaluated["sampling"]["method"] == {"u": u} and evaluated["sampling"]["steps"] == 3
+        row = next(t for t in study["trials"] if t["trial_id"] == tid)
+        recorded = json.loads((Path(row["checkpoint_dir"]) / "config.json").read_text())["sampling"]
+        assert recorded["method"] == {"u": u} and recorded["steps"] == 3
+    assert {trainer.data.tags["defectforge.trial_id"], reuser.data.tags["defectforge.trial_id"]} == {
+        t["trial_id"] for t in study["trials"] if int(t["params"]["method.u"]) in (100, 300)
+        and float(t["params"]["train.lr"]) == 5.0e-4}
+    # and the trial times a sweep benchmark needs: the reuser trained nothing itself
+    times = {t["trial_id"]: t for t in study["trials"]}
+    assert times[reuser.data.tags["defectforge.trial_id"]]["train_s"] == 0.0
+    assert times[trainer.data.tags["defectforge.trial_id"]]["train_s"] > 0
+    assert all(t["eval_s"] > 0 for t in study["trials"])

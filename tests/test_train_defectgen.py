@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from defectforge.config import resolve_config
-from defectforge.methods.base import Conditions, load_generator
+from defectforge.methods.base import Conditions, SamplingOptions, load_generator
 
 
 def _cfg(root, tmp_path, *overrides):
@@ -38,7 +38,7 @@ def test_ddp_two_workers_trains_and_checkpoints(ray_session, synth_root, tmp_pat
     ckpts = sorted((tmp_path / "out" / "ray" / "ddp").glob("checkpoint_0*"))
     assert [c.name for c in ckpts] == ["checkpoint_00000002", "checkpoint_00000004"]
     gen = load_generator(out.checkpoint)
-    batch = gen.sample(2, Conditions(["fabric"] * 2, ["hole", "stain"]), seed=0, steps=3)
+    batch = gen.sample(2, Conditions(["fabric"] * 2, ["hole", "stain"]), seed=0, options=SamplingOptions(steps=3))
     assert batch.masks.max() <= len(gen.context.classes["fabric"])
 
 
@@ -112,5 +112,5 @@ def test_cli_per_product_and_multi_product(ray_session, synth_root, tmp_path, ca
     assert main(["train", *common, "--mode", "multi-product", "--out", str(tmp_path / "mp")]) == 0
     gen = load_generator(tmp_path / "mp" / "train-defect-gen-fabric+metal" / "generator")
     assert gen.context.products == ("fabric", "metal")
-    batch = gen.sample(2, Conditions(["fabric", "metal"], ["hole", "scratch"]), seed=0, steps=2)
+    batch = gen.sample(2, Conditions(["fabric", "metal"], ["hole", "scratch"]), seed=0, options=SamplingOptions(steps=2))
     assert batch.product == ["fabric", "metal"] and batch.images.shape[0] == 2

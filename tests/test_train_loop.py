@@ -20,6 +20,8 @@ from defectforge.methods import registry
 from defectforge.methods.base import Conditions, GeneratedBatch, Generator, Stage, load_generator
 
 CALLS: list[tuple[str, int]] = []
+DEFECT_IDS: list[tuple[str, list[int]]] = []
+OPTIMIZERS: list[tuple[str, float, str]] = []
 
 
 class ToyConfig(MethodConfigBase):
@@ -28,6 +30,10 @@ class ToyConfig(MethodConfigBase):
     # resumed without them counts as the same training (the sampling_time mark, train/reuse.py).
     crash_at_call: int | None = Field(None, json_schema_extra={"sampling_time": True})
     nan_at_call: int | None = Field(None, json_schema_extra={"sampling_time": True})
+    # Stage policies (protocol v2): which rows each stage trains on, the mask stage's own rate.
+    mask_rows: str = "all"
+    image_rows: str = "all"
+    mask_lr: float | None = None
 
 
 @registry.register
@@ -42,13 +48,20 @@ class ToyGenerator(Generator):
         self.image_net = nn.Conv2d(3, 3, 3, padding=1)
 
     def stages(self):
-        return [Stage("mask", ("mask_net",)), Stage("image", ("image_net",))]
+        return [Stage("mask", ("mask_net",), rows=self.config.mask_rows, lr=self.config.mask_lr),
+                Stage("image", ("image_net",), rows=self.config.image_rows)]
+
+    def configure_optimizer(self, stage, params):
+        """Plain SGD, to show the method (not the loop) picks the optimiser; records what it got."""
+        OPTIMIZERS.append((stage.name, stage.lr, stage.rows))
+        return torch.optim.SGD(params, lr=stage.lr)
 
     def trainable_modules(self):
         return {"mask_net": self.mask_net, "image_net": self.image_net}
 
     def training_step(self, batch, stage):
         CALLS.append((stage, len(CALLS)))
+        DEFECT_IDS.append((stage, batch["defect"].tolist()))
         n = len(CALLS)
         if self.config.crash_at_call is not None and n == self.config.crash_at_call:
             raise RuntimeError("simulated worker crash")
@@ -63,7 +76,7 @@ class ToyGenerator(Generator):
             loss = loss * float("nan")
         return {"loss": loss}
 
-    def sample(self, n, conditions: Conditions, seed):
+    def sample(self, n, conditions: Conditions, seed, options=None):
         g = torch.Generator().manual_seed(seed)
         x = torch.rand(n, 3, self.context.resolution, self.context.resolution, generator=g) * 2 - 1
         with torch.no_grad():
@@ -168,3 +181,63 @@ def test_nan_loss_fails_with_a_clear_reason(ray_session, synth_root, tmp_path):
                   log_to_mlflow=False)
     assert not out.ok
     assert "NonFiniteLossError" in out.error and "non-finite loss" in out.error
+
+
+# ------------------------------------------------------------------ protocol v2: stage policies
+def test_each_stage_trains_on_its_rows_at_its_rate_with_the_methods_optimizer(ray_session, synth_root, tmp_path):
+    from defectforge.train.runner import train
+
+    CALLS.clear(), DEFECT_IDS.clear(), OPTIMIZERS.clear()
+    cfg = _cfg(synth_root, tmp_path, "data.train_on_good=true", "method.mask_rows=defective",
+               "method.image_rows=good", "method.mask_lr=0.05", "train.lr=0.001")
+    [out] = train(cfg, tmp_path / "out", name="rows", log_to_mlflow=False)
+    assert out.ok, out.error
+    assert OPTIMIZERS == [("mask", 0.05, "defective"), ("image", 0.001, "good")]  # None -> train.lr
+    mask_ids = [i for s, ids in DEFECT_IDS if s == "mask" for i in ids]
+    image_ids = [i for s, ids in DEFECT_IDS if s == "image" for i in ids]
+    assert len(mask_ids) == len(image_ids) == 4 * 4
+    assert all(i > 0 for i in mask_ids) and all(i == 0 for i in image_ids)
+
+
+def test_balanced_rows_are_half_defective_half_good_and_a_missing_kind_is_named():
+    from defectforge.errors import DataError
+    from defectforge.train.data import StepBatches
+
+    tensors = {"image": torch.zeros(10, 3, 4, 4), "mask": torch.zeros(10, 4, 4, dtype=torch.long),
+               "product": torch.zeros(10, dtype=torch.long),
+               "defect": torch.tensor([1, 2, 1, 0, 0, 0, 0, 0, 0, 0])}
+    batches = StepBatches(tensors, 6, 0, 0, flip=False, rows="balanced", stage="s")
+    for step in range(5):
+        ids = batches(step, torch.device("cpu"))["defect"].tolist()
+        assert all(i > 0 for i in ids[:3]) and all(i == 0 for i in ids[3:])
+    only_defects = {**tensors, "defect": torch.ones(10, dtype=torch.long)}
+    with pytest.raises(DataError, match="stage 'bg' trains on good rows.*data.train_on_good=true"):
+        StepBatches(only_defects, 4, 0, 0, rows="good", stage="bg")
+    # "all" draws exactly as before protocol v2 (resumed and older runs see the same batches)
+    a = StepBatches(tensors, 4, 3, 0, flip=False)(7, torch.device("cpu"))["defect"]
+    rng = np.random.default_rng([3, 0, 7])
+    assert a.tolist() == tensors["defect"][torch.from_numpy(rng.choice(10, 4, replace=False))].tolist()
+
+
+def test_train_stages_trains_only_those_and_takes_the_rest_from_init_from(ray_session, synth_root, tmp_path):
+    from defectforge.errors import ConfigError
+    from defectforge.train.runner import train
+
+    first_cfg = _cfg(synth_root, tmp_path)
+    [first] = train(first_cfg, tmp_path / "out", name="full", log_to_mlflow=False)
+    assert first.ok, first.error
+
+    with pytest.raises(ConfigError, match="train.stages skips stage\\(s\\) mask; their modules mask_net"):
+        train(_cfg(synth_root, tmp_path, "train.stages=[image]"), tmp_path / "out", name="no-init", log_to_mlflow=False)
+    with pytest.raises(ConfigError, match="train.stages: test-toy has no stage 'backbone'; its stages: mask, image"):
+        train(_cfg(synth_root, tmp_path, "train.stages=[backbone]"), tmp_path / "out", name="bad", log_to_mlflow=False)
+    assert not (tmp_path / "out" / "no-init").exists() and not (tmp_path / "out" / "bad").exists()
+
+    CALLS.clear()
+    cfg = _cfg(synth_root, tmp_path, "train.stages=[image]", f"train.init_from={first.checkpoint}")
+    [second] = train(cfg, tmp_path / "out", name="image-only", log_to_mlflow=False)
+    assert second.ok, second.error
+    assert [s for s, _ in CALLS] == ["image"] * 4
+    w1, w2 = _weights(first.checkpoint), _weights(second.checkpoint)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("mask_net."))  # from init_from
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("image_net."))  # trained again

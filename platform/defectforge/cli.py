@@ -9,7 +9,6 @@ imported or started, so a bad value fails in seconds naming the field.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -102,50 +101,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from defectforge.config import parse_override
     from defectforge.errors import ConfigError, DataError
     from defectforge.generate import GenerationPlan, sample_pairs, write_pairs
-    from defectforge.methods.base import GeneratorContext, load_generator, read_checkpoint_meta
+    from defectforge.methods import registry
+    from defectforge.methods.base import (GeneratorContext, check_sampling_fields, checkpoint_sampling,
+                                          load_generator, read_checkpoint_meta)
     from defectforge.paths import claim_output
 
     # Everything that can be known without the model is checked first, in seconds, so a bad
     # argument never costs a model load or a sampling run.
     for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--max-attempts", args.max_attempts),
-                        ("--steps", args.steps), ("--u", args.u)):
+                        ("--steps", args.steps)):
         _at_least(flag, value, 1)
     meta = read_checkpoint_meta(args.checkpoint)  # every field checked, naming config.json
     defects = [d.strip() for d in args.defects.split(",") if d.strip()] if args.defects else None
     GenerationPlan.balanced(GeneratorContext.from_json(meta["context"]), args.n, _products(args), defects)
-    method_overrides: dict[str, Any] = {}
+    method_fields: dict[str, Any] = {}
     for text in args.overrides:
         path, value = parse_override(text)
         if path[0] == "method":
             path = path[1:]
         if len(path) != 1:
             raise ConfigError(f"generate accepts method-field overrides only (method.<field>=value), got {text!r}")
-        method_overrides[path[0]] = value
-    if args.u is not None:
-        method_overrides["u"] = args.u
+        method_fields[path[0]] = value
+    # The checkpoint's recorded options, with what the user asked for on top; checked against the
+    # method's config model before the model is loaded.
+    options = checkpoint_sampling(meta).merged(sampler=args.sampler, steps=args.steps, method=method_fields)
+    cls = registry.get(meta["method"])
+    check_sampling_fields(cls.config_class, meta["method_config"], options.method, options.guidance,
+                          cls.guidance_scales, meta["method"])
     if args.data and not Path(args.data).is_dir():
         raise DataError(f"--data {args.data}: dataset folder not found")
     device = resolve_device(args.device)
     claim_output(args.out, "generate", overwrite=args.overwrite, create=False)  # refuse before sampling
-    gen = load_generator(args.checkpoint, device=device, method_overrides=method_overrides)
+    gen = load_generator(args.checkpoint, device=device)
     plan = GenerationPlan.balanced(gen.context, args.n, _products(args), defects)
-    kwargs: dict[str, Any] = {}
-    accepted = inspect.signature(gen.sample).parameters
-    if "sampler" in accepted and args.sampler:
-        kwargs["sampler"] = args.sampler
-    if "steps" in accepted and args.steps is not None:
-        kwargs["steps"] = args.steps
     from defectforge.generate import ConditionSource
 
     source = ConditionSource.for_generator(gen, args.data)
-    print(f"[generate] {args.n} pairs from {args.checkpoint} ({gen.method_name()}, {device}) seed {args.seed}",
-          flush=True)
+    shown = f"{options.sampler}, {options.steps or 'all'} steps" + "".join(
+        f", {k}={v}" for k, v in {**options.method, **options.guidance}.items())
+    print(f"[generate] {args.n} pairs from {args.checkpoint} ({gen.method_name()}, {device}) seed {args.seed}; "
+          f"sampling: {shown}", flush=True)
     rows, stats = sample_pairs(gen, plan, args.seed, args.batch_size, reject_empty=not args.keep_empty,
-                               max_attempts=args.max_attempts, source=source, **kwargs)
+                               max_attempts=args.max_attempts, source=source, options=options)
     out, _ = claim_output(args.out, "generate", overwrite=args.overwrite)
     out = write_pairs(rows, out, gen.context)
     info = {"checkpoint": str(Path(args.checkpoint).resolve()), "n": args.n, "seed": args.seed,
-            "method_overrides": method_overrides, "sample_kwargs": kwargs, **stats}
+            "sampling": options.to_json(), **stats}
     (out / "generation.json").write_text(json.dumps(info, indent=2))
     print(f"[generate] wrote {len(rows)} pairs to {out} (redrawn empty masks: {stats['redrawn']}, "
           f"still empty: {stats['still_empty']})")
@@ -201,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, required=True, help="number of pairs")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--u", type=int, help="Defect-Gen switch timestep (overrides the checkpoint's)")
-    p.add_argument("--steps", type=int, help="sampling steps (DDIM); default: the method's")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the method's")
+    p.add_argument("--steps", type=int, help="sampling steps; default: the checkpoint's recorded sampling options "
+                                             "(a swept checkpoint: its winning trial's)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, default=8)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--product")
@@ -217,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "defectforge did not create)")
     p.add_argument("--data", metavar="PATH",
                    help="dataset whose train/good images (and train masks) methods such as crop-paste need")
-    p.add_argument("overrides", nargs="*", metavar="method.field=value")
+    p.add_argument("overrides", nargs="*", metavar="method.field=value",
+                   help="sampling-time method fields, e.g. method.u=300 for Defect-Gen's switch timestep "
+                        "(default: the checkpoint's); fields that shape the weights are refused")
     p.set_defaults(func=cmd_generate)
 
     from defectforge.evaluate.run import add_evaluate_command

@@ -141,6 +141,10 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
     nan_policy: Literal["error"] = "error"
+    stages: list[str] | None = Field(None, description="train only these stages (null = all); the modules of "
+                                                         "the others come from train.init_from")
+    init_from: str | None = Field(None, description="generator checkpoint whose saved modules initialise the model "
+                                                    "before training (e.g. a pretrained backbone stage)")
     scaling: ScalingSection = ScalingSection()
 
 
@@ -152,6 +156,8 @@ class SamplingConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     sampler: Literal["ddpm", "ddim"] = "ddim"
     steps: int | None = Field(None, ge=1, description="sampling steps; null = all training timesteps")
+    guidance: dict[str, float] = Field(default_factory=dict,
+                                       description="classifier-free guidance scales by name (methods that have them)")
     seed: int = 0
     reject_empty_masks: bool = True
     max_attempts: int = Field(4, ge=1, description="draws per sample when rejecting empty masks")

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from defectforge.errors import ConfigError, DataError
-from defectforge.methods.base import Conditions, Generator, GeneratorContext
+from defectforge.methods.base import Conditions, Generator, GeneratorContext, SamplingOptions
 from defectforge.paths import inside
 
 
@@ -146,12 +146,16 @@ class GenerationPlan:
 def sample_pairs(gen: Generator, plan: GenerationPlan, seed: int, batch_size: int,
                  reject_empty: bool = True, max_attempts: int = 4, progress: bool = True,
                  source: ConditionSource | None = None, id_offset: int = 0,
-                 **sample_kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+                 options: SamplingOptions | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Sample rows for ``plan`` in batches; seeds depend only on (seed, batch, attempt).
 
     ``source`` supplies normal images / masks for methods that require them; ``id_offset`` shifts
-    the row ids (``<offset + i>``), so callers that sample one plan in pieces get unique ids.
+    the row ids (``<offset + i>``), so callers that sample one plan in pieces get unique ids;
+    ``options`` (None = the generator's ``default_sampling``, i.e. its checkpoint's) go to every
+    ``gen.sample`` call. With ``progress`` each batch prints pairs done, pairs/s and time left.
     """
+    options = options or gen.default_sampling
+    gen.sampling_config(options)  # a bad option fails here, before the first batch
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if max_attempts < 1:
@@ -171,7 +175,7 @@ def sample_pairs(gen: Generator, plan: GenerationPlan, seed: int, batch_size: in
     for b, start in enumerate(range(0, n, batch_size)):
         stop = min(start + batch_size, n)
         cond = conditions(plan.product[start:stop], plan.defect[start:stop], seed * 100_003 + b)
-        out = gen.sample(stop - start, cond, seed=seed * 100_003 + b, **sample_kwargs)
+        out = gen.sample(stop - start, cond, seed=seed * 100_003 + b, options=options)
         images, masks = out.images.copy(), out.masks.copy()
         for attempt in range(1, max_attempts if reject_empty else 1):
             empty = np.flatnonzero(masks.reshape(len(masks), -1).max(axis=1) == 0)
@@ -180,15 +184,17 @@ def sample_pairs(gen: Generator, plan: GenerationPlan, seed: int, batch_size: in
             stats["redrawn"] += len(empty)
             retry_seed = seed * 100_003 + b + 7_919 * attempt
             retry = conditions([cond.product[i] for i in empty], [cond.defect[i] for i in empty], retry_seed)
-            again = gen.sample(len(empty), retry, seed=retry_seed, **sample_kwargs)
+            again = gen.sample(len(empty), retry, seed=retry_seed, options=options)
             images[empty], masks[empty] = again.images, again.masks
         stats["still_empty"] += int((masks.reshape(len(masks), -1).max(axis=1) == 0).sum())
         for i in range(stop - start):
             rows.append({"image": images[i], "mask": masks[i], "product": cond.product[i],
                          "defect": cond.defect[i], "id": f"{id_offset + start + i:05d}", "split": "synthetic"})
         if progress:
-            rate = stop / max(time.perf_counter() - t0, 1e-9)
-            print(f"[generate] {stop}/{n} pairs  {rate:.2f} pairs/s", flush=True)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            rate = stop / elapsed
+            print(f"[generate] {stop}/{n} pairs  {rate:.2f} pairs/s  {elapsed:.0f} s elapsed, "
+                  f"~{(n - stop) / rate:.0f} s left", flush=True)
     return rows, stats
 
 

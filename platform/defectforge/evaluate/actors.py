@@ -11,7 +11,6 @@ normal images / masks for methods that need them from ``generate.ConditionSource
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
@@ -61,16 +60,17 @@ class EvalActor:
         if generator is not None:
             self._load_generator(num_gpus=num_gpus, **generator)
 
-    def _load_generator(self, checkpoint: str, seed: int, num_gpus: float, sample_kwargs: dict[str, Any] | None = None,
-                        method_overrides: dict[str, Any] | None = None, data_root: str | None = None,
-                        split: dict[str, Any] | None = None, reject_empty: bool = True, max_attempts: int = 4) -> None:
+    def _load_generator(self, checkpoint: str, seed: int, num_gpus: float, sampling: dict[str, Any] | None = None,
+                        data_root: str | None = None, split: dict[str, Any] | None = None, reject_empty: bool = True,
+                        max_attempts: int = 4) -> None:
         from defectforge.config import SplitConfig
         from defectforge.generate import ConditionSource
-        from defectforge.methods.base import load_generator
+        from defectforge.methods.base import SamplingOptions, load_generator
 
-        self.gen = load_generator(checkpoint, device=_device(num_gpus), method_overrides=method_overrides)
-        accepted = inspect.signature(self.gen.sample).parameters
-        self.sample_kwargs = {k: v for k, v in (sample_kwargs or {}).items() if k in accepted and v is not None}
+        self.gen = load_generator(checkpoint, device=_device(num_gpus))
+        # The evaluation's options (a sweep trial's u, sampler, steps), else the checkpoint's own.
+        self.options = SamplingOptions.from_json(sampling) if sampling is not None else self.gen.default_sampling
+        self.gen.sampling_config(self.options)  # fails here, naming the field, not mid-pass
         self.source = ConditionSource.for_generator(
             self.gen, data_root, SplitConfig.model_validate(split) if split else None, seed=seed)
         self.seed, self.reject_empty, self.max_attempts = seed, reject_empty, max_attempts
@@ -84,7 +84,7 @@ class EvalActor:
         plan = GenerationPlan([str(p) for p in batch["product"]], [str(d) for d in batch["defect"]])
         rows, _ = sample_pairs(self.gen, plan, self.seed * 1_000_003 + int(index[0]), batch_size=len(index),
                                reject_empty=self.reject_empty, max_attempts=self.max_attempts, progress=False,
-                               source=self.source, **self.sample_kwargs)
+                               source=self.source, options=self.options)
         return {
             "image": np.stack([r["image"] for r in rows]),
             "mask": np.stack([r["mask"] for r in rows]),

@@ -131,12 +131,12 @@ def conditions_rows(classes: dict[str, tuple[str, ...]], n_per_defect: int) -> l
 
 
 def generated_from_checkpoint(checkpoint: str | Path, rows: list[dict[str, Any]], spec: PipelineSpec,
-                              sample_kwargs: dict[str, Any] | None = None, data_root: str | None = None,
+                              sampling: Any = None, data_root: str | None = None,
                               split: dict[str, Any] | None = None, reject_empty: bool = True,
-                              max_attempts: int = 4, method_overrides: dict[str, Any] | None = None
-                              ) -> GeneratorSource:
+                              max_attempts: int = 4) -> GeneratorSource:
     """Conditions rows in blocks of ``spec.batch_size`` (one block = one generation batch, the
-    same batches as ``defectforge generate`` and a plain loop make) and the generator's arguments."""
+    same batches as ``defectforge generate`` and a plain loop make) and the generator's arguments.
+    ``sampling``: ``SamplingOptions`` for every batch (None = the checkpoint's recorded ones)."""
     import pyarrow as pa
     import ray
 
@@ -145,8 +145,8 @@ def generated_from_checkpoint(checkpoint: str | Path, rows: list[dict[str, Any]]
     bs = spec.batch_size
     tables = [pa.Table.from_pylist(rows[s:s + bs]) for s in range(0, len(rows), bs)]
     return GeneratorSource(ray.data.from_arrow(tables), {
-        "checkpoint": str(checkpoint), "seed": spec.seed, "sample_kwargs": sample_kwargs,
-        "method_overrides": method_overrides, "data_root": data_root, "split": split,
+        "checkpoint": str(checkpoint), "seed": spec.seed,
+        "sampling": sampling.to_json() if sampling is not None else None, "data_root": data_root, "split": split,
         "reject_empty": reject_empty, "max_attempts": max_attempts})
 
 

@@ -365,6 +365,33 @@ def _seg_overall(seg: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def config_sampling(cfg: ConfigBase, checkpoint: str | os.PathLike[str]) -> Any:
+    """``SamplingOptions`` of ``cfg`` for ``checkpoint``: ``cfg.sampling``, and ``cfg.method``'s
+    sampling-time fields when it configures the checkpoint's method (else the checkpoint's)."""
+    from defectforge.methods.base import SamplingOptions, checkpoint_sampling, read_checkpoint_meta
+
+    meta = read_checkpoint_meta(checkpoint)
+    mine = SamplingOptions.from_config(cfg)
+    method = mine.method if cfg.method.name == meta["method"] else checkpoint_sampling(meta).method
+    return SamplingOptions(sampler=mine.sampler, steps=mine.steps, guidance=mine.guidance, method=method)
+
+
+def explicit_sampling(cfg: ConfigBase, base: ConfigBase, checkpoint: str | os.PathLike[str]) -> Any:
+    """The checkpoint's recorded options, with every sampling value on top that ``cfg`` sets
+    differently from ``base`` (the same command's config without the user's ``--config`` and
+    overrides): what ``defectforge evaluate`` samples with, so a checkpoint is evaluated as it
+    was trained or swept unless the user says otherwise."""
+    from defectforge.methods.base import SamplingOptions, checkpoint_sampling, read_checkpoint_meta
+
+    mine, theirs = SamplingOptions.from_config(cfg), SamplingOptions.from_config(base)
+    ck = checkpoint_sampling(read_checkpoint_meta(checkpoint))
+    return SamplingOptions(
+        sampler=mine.sampler if mine.sampler != theirs.sampler else ck.sampler,
+        steps=mine.steps if mine.steps != theirs.steps else ck.steps,
+        guidance={**ck.guidance, **{k: v for k, v in mine.guidance.items() if theirs.guidance.get(k) != v}},
+        method={**ck.method, **{k: v for k, v in mine.method.items() if theirs.method.get(k) != v}})
+
+
 def _seg_cache_dir(cfg: ConfigBase, run_root: Path) -> Path | None:
     """``<run_root>/cache/segmentation-real`` when caching is on and ``run_root`` is a run root
     defectforge claimed (a sweep's, or ``evaluate``'s own); never a folder it did not create."""
@@ -382,9 +409,15 @@ def _seg_cache_dir(cfg: ConfigBase, run_root: Path) -> Path | None:
 def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
              generated: str | os.PathLike[str] | None = None, out: str | os.PathLike[str] | None = None,
              summary_json: str | os.PathLike[str] | None = None, log_to_mlflow: bool = True,
-             name: str | None = None, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+             name: str | None = None, quiet: bool = False, overwrite: bool = False,
+             sampling: Any = None) -> dict[str, Any]:
     """Evaluate a checkpoint (generating ``evaluation.n_per_defect`` pairs per defect type) or an
-    existing folder / Parquet of pairs; returns the summary dict (also written as JSON)."""
+    existing folder / Parquet of pairs; returns the summary dict (also written as JSON).
+
+    ``sampling`` (``SamplingOptions``): how the checkpoint samples. None = ``cfg.sampling`` with
+    the sampling-time fields of ``cfg.method`` when ``cfg.method`` is the checkpoint's method (a
+    sweep trial's ``u``), else the checkpoint's recorded options for those fields. The options
+    used are in the summary (``sampling``)."""
     from defectforge.evaluate.pipeline import (
         PipelineSpec,
         conditions_rows,
@@ -406,6 +439,15 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     method, context = _source_meta(checkpoint, generated)
     extractor, lpips_name = check_extractors(cfg)  # before any generation work
     names = _metric_names(extractor, lpips_name)
+    if checkpoint is not None:  # how it samples, checked before any Ray or generation work
+        from defectforge.methods import registry
+        from defectforge.methods.base import check_sampling_fields, read_checkpoint_meta
+
+        sampling = sampling if sampling is not None else config_sampling(cfg, checkpoint)
+        meta = read_checkpoint_meta(checkpoint)
+        cls = registry.get(meta["method"])
+        check_sampling_fields(cls.config_class, meta["method_config"], sampling.method, sampling.guidance,
+                              cls.guidance_scales, meta["method"])
     root = resolve_data_root(cfg)
     wanted = cfg.data.products
     if context is not None:
@@ -436,9 +478,8 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
                         batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed)
     if checkpoint is not None:
         classes = {p: tuple(context["classes"][p]) for p in products}
-        sample_kwargs = {"sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps}
         gen_ds = generated_from_checkpoint(
-            checkpoint, conditions_rows(classes, ev.n_per_defect), spec, sample_kwargs, data_root=str(root),
+            checkpoint, conditions_rows(classes, ev.n_per_defect), spec, sampling, data_root=str(root),
             split=cfg.data.split.model_dump(mode="json"), reject_empty=cfg.sampling.reject_empty_masks,
             max_attempts=cfg.sampling.max_attempts)
     else:
@@ -490,6 +531,7 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
         "standard_metrics": extractor == "inception",
         "n_generated": result.n_generated, "n_per_defect": ev.n_per_defect if checkpoint else None,
         "split": cfg.data.split.model_dump(mode="json"),
+        "sampling": sampling.to_json() if checkpoint is not None else None,
         "overall": metrics["overall"], "products": metrics["products"],
         "segmentation": (_seg_overall(seg) | {"seeds": list(range(ev.seg_seeds)), "steps": ev.seg_steps,
                                               "synthetic_ratio": ev.synthetic_ratio,
@@ -609,7 +651,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         args.method = read_checkpoint_meta(args.checkpoint)["method"]
     cfg = _resolve(args, extra)
+    sampling = None
+    if args.checkpoint:
+        base = _resolve(argparse.Namespace(**{**vars(args), "config": None, "overrides": []}), extra)
+        sampling = explicit_sampling(cfg, base, args.checkpoint)
     evaluate(cfg, checkpoint=args.checkpoint, generated=args.generated, out=args.out,
              summary_json=args.summary_json, log_to_mlflow=not args.no_mlflow, name=args.name,
-             overwrite=getattr(args, "overwrite", False))
+             overwrite=getattr(args, "overwrite", False), sampling=sampling)
     return 0

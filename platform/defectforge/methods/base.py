@@ -39,7 +39,7 @@ CHECKPOINT_FORMAT = 2
 CONFIG_FILE = "config.json"
 
 
-from defectforge.errors import CheckpointError  # noqa: E402  (re-exported: ``methods.base.CheckpointError``)
+from defectforge.errors import CheckpointError, DefectforgeError  # noqa: E402  (re-exported: ``methods.base.CheckpointError``)
 
 
 @dataclass(frozen=True)
@@ -85,13 +85,115 @@ class GeneratorContext:
                    resolution=int(data["resolution"]), image_channels=int(data.get("image_channels", 3)))
 
 
+#: Which training rows a stage draws its batches from (``Stage.rows``).
+STAGE_ROWS = ("all", "defective", "good", "balanced")
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One training stage: which modules it trains, for how many steps (None = ``train.steps``)."""
+    """One training stage: what it trains, on which rows, at which rate.
+
+    * ``modules``: names from ``trainable_modules()``; only these change during the stage;
+    * ``steps``: None = ``train.steps``;
+    * ``rows``: ``all`` (every training row), ``defective``, ``good`` (defect-free rows; they are
+      in the training data with ``data.train_on_good``), or ``balanced`` (each batch half
+      defective, half good) — a mask model trains on defects only, a backbone on everything;
+    * ``lr`` / ``weight_decay``: None = ``train.lr`` / ``train.weight_decay``. The loop fills them
+      in before calling ``Generator.configure_optimizer``, which may add parameter groups.
+    """
 
     name: str
     modules: tuple[str, ...]
     steps: int | None = None
+    rows: str = "all"
+    lr: float | None = None
+    weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rows not in STAGE_ROWS:
+            raise ValueError(f"stage {self.name!r}: rows must be one of {STAGE_ROWS}, got {self.rows!r}")
+
+
+def sampling_time_fields(model_cls: type) -> set[str]:
+    """Names of a method config's fields marked ``json_schema_extra={"sampling_time": True}``:
+    they change how a trained generator samples, never its weights (e.g. Defect-Gen's ``u``)."""
+    out = set()
+    for name, info in model_cls.model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("sampling_time"):
+            out.add(name)
+    return out
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample, as ONE object every caller hands to ``Generator.sample``.
+
+    Why one object: callers (``generate``, the evaluation actors, the pyfunc model, benchmarks)
+    used to inspect each method's ``sample`` signature to decide what to pass. Now every method
+    takes the same options and reads what applies to it:
+
+    * ``sampler`` / ``steps``: the reverse process and its number of steps (None = all T);
+    * ``batch_size``: the generator's own chunk size inside one call (None = all ``n`` at once);
+    * ``guidance``: classifier-free guidance scales by name (methods list theirs in
+      ``Generator.guidance_scales``; an unknown name is an error);
+    * ``method``: values for the method config's *sampling-time* fields (Defect-Gen's ``u``),
+      validated against the config model (``Generator.sampling_config``).
+
+    A checkpoint records the options it was trained (or a sweep trial evaluated) with
+    (``config.json`` "sampling"); they are the defaults of ``generate``, the evaluation and the
+    registered model (``Generator.default_sampling``).
+    """
+
+    sampler: str = "ddim"
+    steps: int | None = None
+    batch_size: int | None = None
+    guidance: dict[str, float] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from defectforge.errors import ConfigError
+
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ConfigError(f"sampling.sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"sampling.{name} must be a positive integer or null, got {v!r}")
+        for k, v in self.guidance.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"sampling.guidance.{k} must be a number, got {v!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sampler": self.sampler, "steps": self.steps, "batch_size": self.batch_size,
+                "guidance": dict(self.guidance), "method": dict(self.method)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> SamplingOptions:
+        if not isinstance(data, dict):
+            raise TypeError(f"expected an object, got {type(data).__name__}")
+        unknown = set(data) - {"sampler", "steps", "batch_size", "guidance", "method"}
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}")
+        if not isinstance(data.get("guidance", {}), dict) or not isinstance(data.get("method", {}), dict):
+            raise ValueError("'guidance' and 'method' must be objects")
+        return cls(sampler=data.get("sampler", "ddim"), steps=data.get("steps"), batch_size=data.get("batch_size"),
+                   guidance=dict(data.get("guidance", {})), method=dict(data.get("method", {})))
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SamplingOptions:
+        """``cfg.sampling`` + the sampling-time fields of ``cfg.method`` (a sweep trial's ``u``)."""
+        fields = sampling_time_fields(type(cfg.method))
+        method = {k: v for k, v in cfg.method.model_dump(mode="json").items() if k in fields}
+        return cls(sampler=cfg.sampling.sampler, steps=cfg.sampling.steps, guidance=dict(cfg.sampling.guidance),
+                   method=method)
+
+    def merged(self, sampler: str | None = None, steps: int | None = None, batch_size: int | None = None,
+               guidance: dict[str, float] | None = None, method: dict[str, Any] | None = None) -> SamplingOptions:
+        """These options with the given values on top (None = keep; dicts are merged key by key)."""
+        return SamplingOptions(sampler=sampler or self.sampler, steps=self.steps if steps is None else steps,
+                               batch_size=self.batch_size if batch_size is None else batch_size,
+                               guidance={**self.guidance, **(guidance or {})}, method={**self.method, **(method or {})})
 
 
 @dataclass
@@ -145,11 +247,17 @@ class Generator(nn.Module, ABC):
     requires_masks: ClassVar[bool] = False
     requires_normal_images: ClassVar[bool] = False
     trainable: ClassVar[bool] = True
+    #: names of the classifier-free guidance scales ``SamplingOptions.guidance`` may set
+    guidance_scales: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfigBase, context: GeneratorContext) -> None:
         super().__init__()
         self.config = config
         self.context = context
+        # The options ``sample`` uses when given none: the config's own sampling-time values until
+        # a checkpoint's recorded options replace them (``load_generator``).
+        self.default_sampling = SamplingOptions(method={k: v for k, v in config.model_dump(mode="json").items()
+                                                        if k in sampling_time_fields(type(config))})
 
     @classmethod
     def method_name(cls) -> str:
@@ -163,6 +271,14 @@ class Generator(nn.Module, ABC):
     @abstractmethod
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Every module some stage trains, by name."""
+
+    def configure_optimizer(self, stage: Stage, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimiser of ``stage`` over ``params`` (the trainable parameters of its modules).
+
+        Default: AdamW at ``stage.lr`` with ``stage.weight_decay`` (both filled in by the loop).
+        Override for parameter groups (e.g. a new head at a higher rate than a fine-tuned body):
+        every group must keep its ``lr`` as the base rate, the loop's warm-up scales it."""
+        return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay or 0.0)
 
     def prepare_from_data(self, rows: list[dict[str, Any]]) -> None:
         """Hook run on every worker before the first stage with that worker's training rows.
@@ -189,8 +305,17 @@ class Generator(nn.Module, ABC):
 
     # --------------------------------------------------------------------------- generation
     @abstractmethod
-    def sample(self, n: int, conditions: Conditions, seed: int) -> GeneratedBatch:
-        """``n`` pairs for ``conditions`` (len n), reproducible for ``seed``."""
+    def sample(self, n: int, conditions: Conditions, seed: int,
+               options: SamplingOptions | None = None) -> GeneratedBatch:
+        """``n`` pairs for ``conditions`` (len n), reproducible for (``seed``, ``options``);
+        ``options`` None = ``self.default_sampling``."""
+
+    def sampling_config(self, options: SamplingOptions) -> MethodConfigBase:
+        """This generator's config with ``options.method`` applied: only sampling-time fields may
+        change (anything else would need other weights), and the config model validates the values
+        (e.g. Defect-Gen's ``u`` inside its trained ``u_range``). Unknown guidance names fail too."""
+        return check_sampling_fields(type(self.config), self.config.model_dump(mode="json"), options.method,
+                                     options.guidance, self.guidance_scales, self.method_name())
 
     @property
     def device(self) -> torch.device:
@@ -199,8 +324,11 @@ class Generator(nn.Module, ABC):
         return torch.device("cpu")
 
     # --------------------------------------------------------------------------- checkpoints
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + one ``<module>.safetensors`` per saved module into ``directory``."""
+    def save_pretrained(self, directory: str | Path, sampling: SamplingOptions | None = None) -> Path:
+        """Write ``config.json`` + one ``<module>.safetensors`` per saved module into ``directory``.
+
+        ``sampling`` (default ``self.default_sampling``) is recorded as the checkpoint's default
+        sampling options."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         modules = self.saved_modules()
@@ -215,12 +343,15 @@ class Generator(nn.Module, ABC):
             hashes[f"{name}.safetensors"] = file_sha256(out / f"{name}.safetensors")
         meta = {"format": CHECKPOINT_FORMAT, "method": self.method_name(),
                 "method_config": self.config.model_dump(mode="json"), "context": self.context.to_json(),
-                "modules": sorted(modules), "sha256": hashes}
+                "modules": sorted(modules), "sha256": hashes,
+                "sampling": (sampling or self.default_sampling).to_json()}
         (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return out
 
-    def load_modules(self, directory: str | Path, hashes: dict[str, str] | None = None) -> None:
-        """Load every saved module from ``directory``; any missing/unexpected key is an error.
+    def load_modules(self, directory: str | Path, hashes: dict[str, str] | None = None,
+                     names: list[str] | None = None) -> None:
+        """Load every saved module (or only ``names``) from ``directory``; any missing/unexpected
+        key is an error.
 
         ``hashes`` ({file name: sha256}, from ``config.json``; read there when None) is checked
         before a file is parsed, and every floating-point weight must be finite: a flipped byte, a
@@ -230,6 +361,8 @@ class Generator(nn.Module, ABC):
         if hashes is None:
             hashes = read_checkpoint_meta(src)["sha256"]
         for name, module in self.saved_modules().items():
+            if names is not None and name not in names:
+                continue
             path = verified_weight_file(src, name, hashes)
             try:
                 state = load_file(str(path), device=str(self.device))
@@ -347,7 +480,109 @@ def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
     missing = [f"{m}.safetensors" for m in modules if f"{m}.safetensors" not in hashes]
     if missing:
         raise bad("sha256", f"has no hash for {', '.join(missing)}")
+    if "sampling" in meta:  # absent in checkpoints written before sampling options were recorded
+        try:
+            SamplingOptions.from_json(meta["sampling"])
+        except (TypeError, ValueError, DefectforgeError) as exc:
+            raise bad("sampling", f"is not valid sampling options: {exc}") from None
     return meta
+
+
+def checkpoint_sampling(meta: dict[str, Any]) -> SamplingOptions:
+    """The default sampling options a checkpoint records (``read_checkpoint_meta`` checked them);
+    for an older checkpoint without them, its method config's sampling-time values."""
+    if "sampling" in meta:
+        return SamplingOptions.from_json(meta["sampling"])
+    from defectforge.methods import registry
+
+    fields = sampling_time_fields(registry.get(meta["method"]).config_class)
+    return SamplingOptions(method={k: v for k, v in meta["method_config"].items() if k in fields})
+
+
+def select_stages(gen: Generator, wanted: list[str] | None, init_from: str | None) -> list[Stage]:
+    """The stages a run trains (``train.stages``; None = all, in the method's order), after checking
+    that every module of a skipped stage comes from ``init_from`` (``train.init_from``), a
+    checkpoint of the same method. ``ConfigError`` naming the field otherwise."""
+    from defectforge.errors import ConfigError
+
+    stages = gen.stages()
+    known = [s.name for s in stages]
+    if wanted is not None:
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise ConfigError(f"train.stages: {gen.method_name()} has no stage {unknown[0]!r}; its stages: "
+                              f"{', '.join(known) or 'none'}")
+    chosen = [s for s in stages if wanted is None or s.name in wanted]
+    skipped = [s for s in stages if s not in chosen]
+    if init_from is not None:
+        meta = read_checkpoint_meta(init_from)
+        if meta["method"] != gen.method_name():
+            raise ConfigError(f"train.init_from: {init_from} is a {meta['method']} checkpoint, not "
+                              f"{gen.method_name()}")
+        have = set(meta["modules"])
+    else:
+        have = set()
+    missing = sorted({m for s in skipped for m in s.modules} - have)
+    if missing:
+        raise ConfigError(f"train.stages skips stage(s) {', '.join(s.name for s in skipped)}; their modules "
+                          f"{', '.join(missing)} must come from a checkpoint: set train.init_from to one that holds "
+                          "them" + (f" ({init_from} does not)" if init_from else ""))
+    return chosen
+
+
+def checkpoint_with_sampling(src: str | Path, dst: str | Path, sampling: SamplingOptions) -> Path:
+    """``dst``: the checkpoint ``src`` with ``sampling`` as its recorded options.
+
+    Why: trials of a sweep that share one trained generator (train once, sweep many) differ in how
+    they sample (``u``, steps); each trial's checkpoint must carry its own options, so ``generate``
+    and the registered model sample the winning trial as it was evaluated. Weight files are
+    hard-linked when the filesystem allows (no copy of the weights), else copied; their hashes are
+    unchanged and still checked at load. ``dst`` is replaced whole.
+    """
+    import os
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    meta = read_checkpoint_meta(src)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name == CONFIG_FILE or not f.is_file():
+            continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+    (dst / CONFIG_FILE).write_text(json.dumps({**meta, "sampling": sampling.to_json()}, indent=2, sort_keys=True))
+    return dst
+
+
+def check_sampling_fields(config_class: type, config: dict[str, Any], method: dict[str, Any],
+                          guidance: dict[str, float] | None = None, guidance_scales: tuple[str, ...] = (),
+                          method_name: str = "method") -> Any:
+    """``config_class`` validated with ``method`` on top of ``config``; ``ConfigError`` naming the
+    field when a key is not a sampling-time field or a value is invalid, or a guidance scale is
+    unknown. Used before any model is loaded (``generate``) and inside ``sample``."""
+    from pydantic import ValidationError
+
+    from defectforge.errors import ConfigError
+
+    allowed = sampling_time_fields(config_class)
+    wrong = sorted(set(method) - allowed)
+    if wrong:
+        raise ConfigError(f"method.{wrong[0]} is not a sampling-time field of {method_name} (those change the "
+                          f"trained weights; retrain instead); sampling-time fields: "
+                          f"{', '.join('method.' + f for f in sorted(allowed)) or 'none'}")
+    unknown = sorted(set(guidance or {}) - set(guidance_scales))
+    if unknown:
+        raise ConfigError(f"sampling.guidance.{unknown[0]}: {method_name} has "
+                          + (f"the guidance scales {', '.join(guidance_scales)}" if guidance_scales
+                             else "no guidance scales"))
+    try:
+        return config_class.model_validate({**config, **method})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid sampling option: {_first_error(exc)}") from None
 
 
 def build_generator(config: MethodConfigBase, context: GeneratorContext) -> Generator:
@@ -356,11 +591,11 @@ def build_generator(config: MethodConfigBase, context: GeneratorContext) -> Gene
     return registry.get(config.name)(config, context)
 
 
-def load_generator(directory: str | Path, device: str | torch.device = "cpu",
-                   method_overrides: dict[str, Any] | None = None) -> Generator:
+def load_generator(directory: str | Path, device: str | torch.device = "cpu") -> Generator:
     """Load a checkpoint written by ``save_pretrained`` without any training code or pickles.
 
-    ``method_overrides`` changes sampling-time fields (e.g. Defect-Gen's switch timestep ``u``).
+    Its recorded sampling options become ``default_sampling``; callers change them per call with
+    ``SamplingOptions`` (sampling-time method fields such as Defect-Gen's ``u`` included).
     """
     from defectforge.methods import registry
 
@@ -376,17 +611,14 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu",
     except ValidationError as exc:
         raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: field 'method_config' is not a valid "
                               f"{meta['method']} config: {_first_error(exc)}") from None
-    cfg_dict.update(method_overrides or {})
-    try:
-        config = cls.config_class.model_validate(cfg_dict)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid method override: {_first_error(exc)}") from None
+    config = cls.config_class.model_validate(cfg_dict)
     try:
         gen = cls(config, GeneratorContext.from_json(meta["context"])).to(device)
     except (ValueError, KeyError, TypeError) as exc:  # e.g. a context the method cannot build
         raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: cannot build {meta['method']} from it: "
                               f"{exc}") from None
     gen.load_modules(directory, meta["sha256"])
+    gen.default_sampling = checkpoint_sampling(meta)
     gen.eval()
     return gen
 

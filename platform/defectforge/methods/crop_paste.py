@@ -40,6 +40,7 @@ from defectforge.methods.base import (
     Conditions,
     GeneratedBatch,
     Generator,
+    SamplingOptions,
     Stage,
     read_checkpoint_meta,
     verified_weight_file,
@@ -202,8 +203,13 @@ class CropPaste(Generator):
         return np.asarray(img), np.asarray(msk)
 
     @torch.no_grad()
-    def sample(self, n: int, conditions: Conditions, seed: int) -> GeneratedBatch:
-        """Paste one crop of each requested defect type onto each given normal image."""
+    def sample(self, n: int, conditions: Conditions, seed: int,
+               options: SamplingOptions | None = None) -> GeneratedBatch:
+        """Paste one crop of each requested defect type onto each given normal image.
+
+        ``options`` are checked (Crop-Paste has no sampling-time fields or guidance scales) and
+        otherwise unused: pasting has no reverse process."""
+        self.sampling_config(options or self.default_sampling)
         if n != len(conditions):
             raise ValueError(f"sample: n={n} but conditions has {len(conditions)} entries")
         if conditions.normal_image is None:

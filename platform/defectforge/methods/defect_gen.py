@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from defectforge.config import MethodConfigBase
-from defectforge.methods.base import Conditions, GeneratedBatch, Generator, GeneratorContext, Stage
+from defectforge.methods.base import Conditions, GeneratedBatch, Generator, GeneratorContext, SamplingOptions, Stage
 from defectforge.methods.registry import register
 from defectforge.nn.unets import (
     RECEPTIVE_FIELDS,
@@ -332,39 +332,40 @@ class DefectGen(Generator):
         return sched
 
     @torch.no_grad()
-    def sample(self, n: int, conditions: Conditions, seed: int, sampler: str = "ddim",
-               steps: int | None = None, batch_size: int | None = None) -> GeneratedBatch:
+    def sample(self, n: int, conditions: Conditions, seed: int,
+               options: SamplingOptions | None = None) -> GeneratedBatch:
         """``n`` image + mask pairs on one reverse trajectory: large model for t >= u, small below.
 
         With DDIM (or DDPM with ``steps`` < T) the switch maps onto the step grid: grid points
         ``t >= u`` use the large model, the rest the small one, continuing from the same ``x``.
-        Reproducible for (``seed``, ``batch_size``): one ``torch.Generator`` on the model's device
+        ``options``: sampler, steps, chunk size and ``u`` (``SamplingOptions``; default: the
+        checkpoint's). Reproducible for (``seed``, options): one ``torch.Generator`` on the model's device
         draws the initial noise and every DDPM step's noise in order.
         """
         if n != len(conditions):
             raise ValueError(f"sample: n={n} but conditions has {len(conditions)} entries")
+        options = options or self.default_sampling
+        u = self.sampling_config(options).u  # the options' u (checked against u_range), else the config's
+        sampler, steps = options.sampler, options.steps
         product, defect = self._labels(conditions)
-        batch_size = n if batch_size is None else int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"sample: batch_size must be >= 1, got {batch_size}")
+        batch_size = n if options.batch_size is None else int(options.batch_size)
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        chunks = [self._sample_chunk(product[i:i + batch_size], defect[i:i + batch_size], sampler, steps, gen)
-                  for i in range(0, n, batch_size)]
+        chunks = [self._sample_chunk(product[i:i + batch_size], defect[i:i + batch_size], sampler, steps, u, gen)
+                  for i in range(0, n, max(batch_size, 1))]
         x = torch.cat(chunks) if chunks else torch.zeros(0, self.image_channels + self.num_mask_channels,
                                                          self.context.resolution, self.context.resolution)
         images, masks = self.decode(x, conditions.product)
         return GeneratedBatch(images=images, masks=masks, product=list(conditions.product),
                               defect=list(conditions.defect),
-                              extras={"sampler": sampler, "steps": steps, "u": self.config.u})
+                              extras={"sampler": sampler, "steps": steps, "u": u})
 
     def _sample_chunk(self, product: torch.Tensor, defect: torch.Tensor, sampler: str,
-                      steps: int | None, gen: torch.Generator) -> torch.Tensor:
+                      steps: int | None, u: int, gen: torch.Generator) -> torch.Tensor:
         sched = self.make_scheduler(sampler, steps)
         res = self.context.resolution
         x = torch.randn((len(product), self.image_channels + self.num_mask_channels, res, res), generator=gen,
                         device=self.device, dtype=next(self.unet_large.parameters()).dtype)
         emb_large, emb_small = self.embed_large(product, defect), self.embed_small(product, defect)
-        u = self.config.u
         for t in sched.timesteps:
             if int(t) >= u:
                 out = self.unet_large(x, t, class_labels=emb_large).sample

@@ -61,12 +61,15 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     if "://" not in storage:
         check_output_parent(storage, flag="sweep.storage_path")
     check_gpus_available(cfg.train.scaling.use_gpu, "train.scaling.use_gpu")
-    experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
-    uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
     from defectforge.evaluate.run import check_extractors
 
     check_extractors(cfg)  # missing standard weights fail here, not after the first trial trained
     data = load_training_data(cfg)  # validates the data (and writes the synthetic set) before any trial
+    from defectforge.train.runner import check_buildable
+
+    check_buildable(cfg, data.context)  # the base config; each search-space point is checked at load
+    experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
+    uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
     if cfg.data.path is None:
         cfg = with_overrides(cfg, {"data.path": str(data.root)})
     if cfg.train.scaling.num_workers == 0:

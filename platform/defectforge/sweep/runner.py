@@ -137,12 +137,16 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
         # run (named by its hash); only sampling-time fields differ between them (train/reuse.py).
         train_name = reuse.run_name(spec.name, cfg)
 
+        timing = {"train_s": 0.0}  # this trial's own training time (0 when it reuses one)
+
         def train() -> dict[str, Any]:
+            t_train = time.perf_counter()
             result = fit_generator(cfg.to_dict(), data.context.to_json(), data.rows, train_name,
                                    str(Path(spec.storage) / "train"), {"uri": spec.uri, "run_id": run_id},
                                    callbacks=[TuneReportCallback()])
             if result["error"]:
                 raise RuntimeError(f"training failed: {result['error']}")
+            timing["train_s"] = time.perf_counter() - t_train
             return {"checkpoint": str(result["checkpoint"]), "loss": result["metrics"].get("loss", float("nan")),
                     "trained_by": trial_id, "trained_by_run": run_id}
 
@@ -159,14 +163,24 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
             "defectforge.trained_here": str(trained_here).lower(),
             "defectforge.trained_by_run": record.get("trained_by_run", "")}.items()])
         result = {"metrics": {"loss": record.get("loss", float("nan"))}}
-        checkpoint = Path(record["checkpoint"]) / "generator"
+        # This trial's own checkpoint: the (possibly shared) trained weights with this trial's
+        # sampling options (u, sampler, steps) recorded, so generate / the registered model sample
+        # the trial as it is evaluated here.
+        from defectforge.methods.base import SamplingOptions, checkpoint_with_sampling
+
+        sampling = SamplingOptions.from_config(cfg)
+        checkpoint = checkpoint_with_sampling(Path(record["checkpoint"]) / "generator",
+                                              Path(spec.storage) / "trials" / f"{spec.name}-{trial_id}" / "generator",
+                                              sampling)
         # The evaluation drives Ray Data and Ray tasks that need whole CPUs; run it as a task outside
         # the trial's tiny placement group, which would otherwise capture (and starve) all of them.
         import ray
 
         remote_eval = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=outside_placement_group())(evaluate)
-        summary = ray.get(remote_eval.remote(cfg, checkpoint=checkpoint, log_to_mlflow=False, quiet=True,
+        t_eval = time.perf_counter()
+        summary = ray.get(remote_eval.remote(cfg, checkpoint=checkpoint, log_to_mlflow=False, quiet=True, sampling=sampling,
                                              out=Path(spec.storage) / "eval" / f"{spec.name}-{trial_id}"))
+        timing["eval_s"] = time.perf_counter() - t_eval
         objectives = objective_values(summary)
         missing = [o.metric for o in spec.objectives if o.metric not in objectives]
         if missing:
@@ -179,7 +193,7 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
 
         mlflow.MlflowClient(spec.uri).log_artifacts(run_id, str(checkpoint), "generator")
         recorded = {"loss": result["metrics"].get("loss", float("nan")), "checkpoint_dir": str(checkpoint),
-                    "mlflow_run_id": run_id}
+                    "mlflow_run_id": run_id, **timing}
         mlflow_runs.finish(spec.uri, run_id, trial_result=recorded)
     except Exception as exc:
         mlflow_runs.finish(spec.uri, run_id, error=f"{type(exc).__name__}: {exc}")
@@ -250,7 +264,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         row.update({k: v for k, v in (res.config or {}).items() if k in space.parameters})
         row["params"] = {k: v for k, v in (res.config or {}).items() if k in space.parameters}
         for k, v in (res.metrics or {}).items():
-            if k in ("checkpoint_dir", "mlflow_run_id", "loss") or any(k == o.metric for o in objectives):
+            if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s") or any(k == o.metric for o in objectives):
                 row[k] = v
         row["status"] = "error" if res.error else ("done" if all(o.metric in row for o in objectives) else "stopped")
         rows.append(row)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from defectforge.config import ConfigBase
+from defectforge.errors import DataError
 from defectforge.methods.base import GeneratorContext
 
 log = logging.getLogger(__name__)
@@ -102,20 +103,41 @@ def rows_to_tensors(rows: list[dict[str, Any]], context: GeneratorContext) -> di
 
 
 class StepBatches:
-    """Batch ``step`` of worker ``rank``: indices and flips drawn from ``rng(seed, rank, step)``."""
+    """Batch ``step`` of worker ``rank``: indices and flips drawn from ``rng(seed, rank, step)``.
+
+    ``rows`` is the stage's row policy (``Stage.rows``): ``all``, ``defective`` (defect id > 0),
+    ``good`` (defect id 0) or ``balanced`` (the first half of each batch defective, the rest good).
+    A policy that finds no rows is an error naming it.
+    """
 
     def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int, rank: int,
-                 flip: bool = True) -> None:
+                 flip: bool = True, rows: str = "all", stage: str = "") -> None:
         self.tensors = tensors
         self.n = len(tensors["image"])
         if self.n == 0:
             raise ValueError("this worker's data shard is empty: fewer training images than workers")
+        defective = (tensors["defect"] > 0).numpy()
+        pools = {"all": [np.arange(self.n)], "defective": [np.flatnonzero(defective)],
+                 "good": [np.flatnonzero(~defective)],
+                 "balanced": [np.flatnonzero(defective), np.flatnonzero(~defective)]}[rows]
+        if any(len(p) == 0 for p in pools):
+            kind = "defect-free" if rows in ("good", "balanced") and not (~defective).any() else "defective"
+            raise DataError(f"stage {stage!r} trains on {rows} rows but this worker's training data has no "
+                            f"{kind} image" + (" (set data.train_on_good=true to train on defect-free images)"
+                                               if kind == "defect-free" else ""))
+        self.pools = pools
         self.batch_size = batch_size
         self.seed, self.rank, self.flip = seed, rank, flip
 
+    def _indices(self, rng: np.random.Generator) -> torch.Tensor:
+        sizes = [self.batch_size] if len(self.pools) == 1 else [self.batch_size - self.batch_size // 2,
+                                                                self.batch_size // 2]
+        parts = [pool[rng.choice(len(pool), k, replace=len(pool) < k)] for pool, k in zip(self.pools, sizes)]
+        return torch.from_numpy(np.concatenate(parts))
+
     def __call__(self, step: int, device: torch.device) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, step])
-        idx = torch.from_numpy(rng.choice(self.n, self.batch_size, replace=self.n < self.batch_size))
+        idx = self._indices(rng)
         batch = {k: v[idx] for k, v in self.tensors.items()}
         if self.flip:
             flip = torch.from_numpy(rng.random(self.batch_size) < 0.5)

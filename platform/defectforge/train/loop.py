@@ -14,6 +14,7 @@ Checkpoint directory (one per report, rank 0 writes it)::
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -26,7 +27,8 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from defectforge.config import config_from_dict
-from defectforge.methods.base import Generator, GeneratorContext, build_generator
+from defectforge.methods.base import (Generator, GeneratorContext, SamplingOptions, build_generator,
+                                      read_checkpoint_meta, select_stages)
 from defectforge.train.data import StepBatches, rows_to_tensors
 
 GENERATOR_DIR = "generator"
@@ -115,12 +117,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     label = loop_config.get("label", "train")
 
     rows = loop_config["rows"][rank::world]  # this worker's shard
-    batches = StepBatches(rows_to_tensors(rows, context), tc.batch_size, tc.seed, rank, cfg.data.augment_flip)
+    tensors = rows_to_tensors(rows, context)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     gen = build_generator(cfg.method, context).to(device)
+    gen.default_sampling = SamplingOptions.from_config(cfg)  # recorded in every checkpoint it saves
     gen.prepare_from_data(loop_config["rows"])  # every row on every rank: model-free methods need all
-    stages = gen.stages()
+    stages = select_stages(gen, tc.stages, tc.init_from)  # train.stages; the rest from train.init_from
     stage_steps = [s.steps or tc.steps for s in stages]
 
     start_stage, start_step, global_step, resume_state = 0, 0, 0, None
@@ -128,6 +131,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # the loop keeps their checkpoints under ``local_checkpoint_root`` itself and resumes from there.
     local_root = Path(loop_config["local_checkpoint_root"]) if loop_config.get("local_checkpoint_root") else None
     checkpoint = ray.train.get_checkpoint() or _latest_local(local_root)
+    if checkpoint is None and tc.init_from is not None:
+        # A fresh run starts from the checkpoint's modules (a resumed one has them in its state).
+        init_meta = read_checkpoint_meta(tc.init_from)
+        gen.load_modules(tc.init_from, init_meta["sha256"], names=list(init_meta["modules"]))
+        if rank == 0:
+            print(f"[{label}] initialised {', '.join(init_meta['modules'])} from {tc.init_from}", flush=True)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume_state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
@@ -167,7 +176,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _set_trainable(gen, stage.modules)
         params = _stage_params(gen, stage.modules)
         model = ray.train.torch.prepare_model(gen) if world > 1 else gen
-        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        batches = StepBatches(tensors, tc.batch_size, tc.seed, rank, cfg.data.augment_flip, rows=stage.rows,
+                              stage=stage.name)
+        # The stage's own rate and decay (None = train.*); the method builds the optimiser.
+        optimizer = gen.configure_optimizer(
+            dataclasses.replace(stage, lr=stage.lr if stage.lr is not None else tc.lr,
+                                weight_decay=stage.weight_decay if stage.weight_decay is not None else tc.weight_decay),
+            params)
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])  # the warm-up scales each group's own rate
         ema = EMAModel(params, decay=tc.ema_decay) if tc.ema_decay else None
         scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
         if resume_state is not None and stage_index == start_stage and first_step > 0:
@@ -194,7 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if tc.warmup_steps:
                 # A pure function of the stage step, so a resumed run gets the same rate.
                 for group in optimizer.param_groups:
-                    group["lr"] = tc.lr * min(1.0, (step + 1) / tc.warmup_steps)
+                    group["lr"] = group["base_lr"] * min(1.0, (step + 1) / tc.warmup_steps)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if tc.grad_clip:

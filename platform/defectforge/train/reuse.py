@@ -35,21 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from defectforge.config import ConfigBase
+from defectforge.methods.base import sampling_time_fields  # noqa: F401 (re-exported; defined with the protocol)
 
 BOOKKEEPING_TRAIN_FIELDS = frozenset({"log_every", "checkpoint_every", "num_to_keep", "max_failures"})
 DONE_MARKER = "TRAINED.json"
 HEARTBEAT_S = 5.0
 LEASE_S = 60.0  # a claim without a heartbeat for this long is abandoned
-
-
-def sampling_time_fields(model_cls: type) -> set[str]:
-    """Names of a pydantic model's fields marked ``json_schema_extra={"sampling_time": True}``."""
-    out = set()
-    for name, info in model_cls.model_fields.items():
-        extra = info.json_schema_extra
-        if isinstance(extra, dict) and extra.get("sampling_time"):
-            out.add(name)
-    return out
 
 
 def training_fields(cfg: ConfigBase) -> dict[str, Any]:

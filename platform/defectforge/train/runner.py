@@ -24,6 +24,7 @@ from defectforge.cluster import ensure_ray
 from defectforge.config import ConfigBase, save_config
 from defectforge.train.data import TrainingData, load_training_data
 from defectforge.train.loop import GENERATOR_DIR, train_loop_per_worker
+from defectforge.methods.base import GeneratorContext
 
 
 @dataclass
@@ -97,6 +98,25 @@ def _root_cause(exc: BaseException) -> str:
         seen = nxt
     text = str(seen).strip().splitlines()
     return f"{type(seen).__name__}: {text[-1] if text else ''}"
+
+
+def check_buildable(cfg: ConfigBase, context: GeneratorContext) -> None:
+    """Build the generator on the meta device (no memory, no weights: well under a second) and
+    select its stages: a config the method cannot build (e.g. a resolution its receptive field
+    does not divide) or a bad ``train.stages`` / ``train.init_from`` fails here, before Ray,
+    Train or MLflow start, naming the field."""
+    import torch
+    from pydantic import ValidationError
+
+    from defectforge.errors import ConfigError
+    from defectforge.methods.base import build_generator, select_stages
+
+    try:
+        with torch.device("meta"):
+            probe = build_generator(cfg.method, context)
+    except (ValueError, KeyError, TypeError, ValidationError) as exc:
+        raise ConfigError(f"method {cfg.method.name} cannot be built with this config: {exc}") from None
+    select_stages(probe, cfg.train.stages, cfg.train.init_from)
 
 
 def default_name(cfg: ConfigBase, products: list[str]) -> str:
@@ -234,6 +254,7 @@ def train(cfg: ConfigBase, out: str | os.PathLike[str], name: str | None = None,
     storage = str(out_dir / "ray")
     check_gpus_available(cfg.train.scaling.use_gpu, "train.scaling.use_gpu")
     data = load_training_data(cfg)
+    check_buildable(cfg, data.context)
     products = list(data.context.products)
     groups = [[p] for p in products] if cfg.train.mode == "per-product" else [products]
 

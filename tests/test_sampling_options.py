@@ -1,0 +1,105 @@
+"""Sampling options in the protocol (issue 11, item 2): one ``SamplingOptions`` for every method,
+recorded in checkpoints, the default of ``generate``, overridable per call, validated up front."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from defectforge import cli
+from defectforge.config import resolve_config
+from defectforge.errors import ConfigError
+from defectforge.generate import GenerationPlan, sample_pairs
+from defectforge.methods.base import (Conditions, GeneratorContext, SamplingOptions, build_generator,
+                                      checkpoint_with_sampling, load_generator, read_checkpoint_meta)
+
+CTX = GeneratorContext(("p",), {"p": ("hole", "scratch")}, 64)
+
+
+def _gen(*overrides: str):
+    cfg = resolve_config(method="defect-gen", preset="tiny",
+                         overrides=["data.resolution=64", "method.num_train_timesteps=50", *overrides])
+    torch.manual_seed(0)
+    return build_generator(cfg.method, CTX), cfg
+
+
+def test_options_round_trip_merge_and_validation():
+    opts = SamplingOptions(sampler="ddpm", steps=7, batch_size=2, guidance={}, method={"u": 20})
+    assert SamplingOptions.from_json(json.loads(json.dumps(opts.to_json()))) == opts
+    merged = opts.merged(steps=3, method={"u": 30})
+    assert (merged.sampler, merged.steps, merged.batch_size, merged.method) == ("ddpm", 3, 2, {"u": 30})
+    assert opts.merged() == opts  # None keeps every value
+    for bad, field in ((dict(sampler="euler"), "sampler"), (dict(steps=0), "steps"), (dict(batch_size=True), "batch_size"),
+                       (dict(guidance={"cfg": "x"}), "guidance.cfg")):
+        with pytest.raises(ConfigError, match=f"sampling.{field}"):
+            SamplingOptions(**bad)
+
+
+def test_from_config_takes_sampling_and_the_sampling_time_method_fields():
+    _, cfg = _gen("method.u=25", "sampling.steps=9", "sampling.sampler=ddpm")
+    opts = SamplingOptions.from_config(cfg)
+    assert (opts.sampler, opts.steps, opts.method) == ("ddpm", 9, {"u": 25})  # u only: the one sampling-time field
+
+
+def test_sample_uses_the_options_and_refuses_weight_shaping_fields_and_unknown_guidance():
+    gen, _ = _gen("method.u=20")
+    cond = Conditions(["p", "p"], ["hole", "scratch"])
+    a = gen.sample(2, cond, seed=1, options=SamplingOptions(steps=4, method={"u": 10}))
+    b = gen.sample(2, cond, seed=1, options=SamplingOptions(steps=4, method={"u": 40}))
+    assert (a.extras["u"], b.extras["u"]) == (10, 40)
+    assert not np.array_equal(a.images, b.images)  # u changes which UNet denoises which steps
+    with pytest.raises(ConfigError, match="method.small_widths is not a sampling-time field"):
+        gen.sample(2, cond, seed=1, options=SamplingOptions(steps=4, method={"small_widths": [8] * 7}))
+    with pytest.raises(ConfigError, match="sampling.guidance.cfg: defect-gen has no guidance scales"):
+        gen.sample(2, cond, seed=1, options=SamplingOptions(steps=4, guidance={"cfg": 3.0}))
+    with pytest.raises(ConfigError, match="method.u"):
+        gen.sample(2, cond, seed=1, options=SamplingOptions(steps=4, method={"u": 500}))  # > T = 50
+
+
+def test_checkpoint_records_options_and_a_trial_copy_carries_its_own(tmp_path):
+    gen, _ = _gen("method.u=20")
+    ckpt = gen.save_pretrained(tmp_path / "trained", sampling=SamplingOptions(steps=2, method={"u": 20}))
+    assert load_generator(ckpt).default_sampling == SamplingOptions(steps=2, method={"u": 20})
+    trial = checkpoint_with_sampling(ckpt, tmp_path / "trial" / "generator",
+                                     SamplingOptions(sampler="ddim", steps=3, method={"u": 35}))
+    loaded = load_generator(trial)  # hashes still verified: the weights are the same files' contents
+    assert loaded.default_sampling == SamplingOptions(steps=3, method={"u": 35})
+    assert read_checkpoint_meta(trial)["sha256"] == read_checkpoint_meta(ckpt)["sha256"]
+    assert load_generator(ckpt).default_sampling.steps == 2  # the source is untouched
+    # default sampling == the recorded options, bit for bit
+    cond = Conditions(["p"], ["hole"])
+    np.testing.assert_array_equal(loaded.sample(1, cond, seed=4).images,
+                                  loaded.sample(1, cond, seed=4, options=SamplingOptions(steps=3, method={"u": 35})).images)
+
+
+def test_generate_uses_the_checkpoints_options_unless_told_otherwise(tmp_path, capsys):
+    """Issue 11 acceptance 1: ``generate`` on a swept checkpoint samples with the trial's options,
+    prints progress, and the user's --steps / method.u go on top."""
+    gen, _ = _gen("method.u=20")
+    trained = gen.save_pretrained(tmp_path / "trained", sampling=SamplingOptions(steps=50, method={"u": 20}))
+    trial = checkpoint_with_sampling(trained, tmp_path / "trial", SamplingOptions(steps=3, method={"u": 35}))
+
+    assert cli.main(["generate", "--checkpoint", str(trial), "--n", "4", "--out", str(tmp_path / "g1"),
+                     "--device", "cpu", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "sampling: ddim, 3 steps, u=35" in out
+    assert "4/4 pairs" in out and "pairs/s" in out and "s left" in out
+    info = json.loads((tmp_path / "g1" / "generation.json").read_text())
+    assert info["sampling"] == SamplingOptions(steps=3, method={"u": 35}).to_json()
+    # the written pairs are what sample_pairs gives with exactly those options
+    loaded = load_generator(trial)
+    plan = GenerationPlan.balanced(loaded.context, 4, None, None)
+    rows, _ = sample_pairs(loaded, plan, 0, 2, progress=False, options=SamplingOptions(steps=3, method={"u": 35}))
+    from defectforge.data.arrow import read_parquet
+
+    written = sorted(read_parquet(tmp_path / "g1" / "generated.parquet"), key=lambda r: r["id"])
+    for r, w in zip(rows, written):
+        np.testing.assert_array_equal(r["image"], w["image"])
+
+    assert cli.main(["generate", "--checkpoint", str(trial), "--n", "2", "--out", str(tmp_path / "g2"),
+                     "--device", "cpu", "--steps", "2", "method.u=10"]) == 0
+    info = json.loads((tmp_path / "g2" / "generation.json").read_text())
+    assert (info["sampling"]["steps"], info["sampling"]["method"]) == (2, {"u": 10})
