@@ -143,6 +143,20 @@ def test_lpips_zero_for_identical_positive_for_different(lpips_randnet):
     assert mean_pairwise_lpips(imgs, lpips_randnet) > 0
 
 
+def test_lpips_from_cached_features_equals_the_models_forward(lpips_randnet):
+    """Pairwise LPIPS from once-per-image features (what mean pairwise LPIPS and IC-LPIPS use) is
+    ``lpips.LPIPS(a, b)`` itself, pair by pair, at the evaluation's 64 px."""
+    imgs = _images(7, size=64, seed=11)
+    i, j = np.triu_indices(len(imgs), k=1)
+    feats = lpips_randnet.features(imgs)
+    cached = lpips_randnet.distances(feats, i, feats, j, chunk=5)
+    direct = lpips_randnet(imgs[i], imgs[j])
+    np.testing.assert_allclose(cached, direct, rtol=1e-5, atol=1e-7)
+    centres = _images(3, size=64, seed=12)
+    brute = np.argmin(np.stack([lpips_randnet(imgs, np.broadcast_to(c, imgs.shape).copy()) for c in centres], 1), 1)
+    np.testing.assert_array_equal(assign_clusters(imgs, centres, lpips_randnet), brute)
+
+
 def test_lpips_randnet_is_deterministic(lpips_randnet):
     imgs = _images(2, size=32, seed=5)
     again = build_lpips("randnet")

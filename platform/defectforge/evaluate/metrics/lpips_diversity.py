@@ -65,8 +65,44 @@ class LpipsDistance:
         self.batch_size = batch_size
 
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = torch.from_numpy(np.array(images, copy=True)).to(self.device)  # writable: blocks from the object store are read-only
         return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # LPIPS expects [-1, 1]
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> list[torch.Tensor]:
+        """Each image's unit-normalised feature maps per backbone layer (``lpips.LPIPS.forward``'s
+        ``feats0``): what a distance needs from one image, computed once however many pairs it is in.
+
+        Why: mean pairwise LPIPS over N images is up to N(N-1)/2 pairs; ``lpips.LPIPS(a, b)`` runs
+        the backbone on both images of every pair, i.e. ~N^2 forward passes. Splitting the same
+        computation (``features`` once per image, ``distances`` per pair) needs N passes and gives
+        the same numbers (``test_metrics`` checks it against the model's own forward)."""
+        images = check_images(images, "LPIPS input")
+        m = self.model
+        layers: list[list[torch.Tensor]] = [[] for _ in range(m.L)]
+        for s in range(0, len(images), self.batch_size):
+            x = self._tensor(images[s:s + self.batch_size])
+            outs = m.net.forward(m.scaling_layer(x) if m.version == "0.1" else x)
+            for k in range(m.L):
+                layers[k].append(lpips.normalize_tensor(outs[k]))
+        return [torch.cat(f) for f in layers]
+
+    @torch.no_grad()
+    def distances(self, feats_a: list[torch.Tensor], i: np.ndarray, feats_b: list[torch.Tensor],
+                  j: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """LPIPS between image ``i[n]`` of ``feats_a`` and ``j[n]`` of ``feats_b`` (from ``features``):
+        per layer the learned 1x1 weighting of the squared feature difference, spatially averaged,
+        summed over layers (``lpips.LPIPS.forward`` with ``lpips=True``, ``spatial=False``)."""
+        m = self.model
+        out = []
+        for s in range(0, len(i), chunk):
+            ii = torch.as_tensor(i[s:s + chunk], device=self.device)
+            jj = torch.as_tensor(j[s:s + chunk], device=self.device)
+            val = 0
+            for k in range(m.L):
+                val = val + lpips.spatial_average(m.lins[k]((feats_a[k][ii] - feats_b[k][jj]) ** 2), keepdim=True)
+            out.append(val.reshape(-1).cpu().numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
     @torch.no_grad()
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -156,6 +192,9 @@ def mean_pairwise_lpips(images: Any, model: Any, max_pairs: int | None = None, s
     if max_pairs is not None and len(i) > max_pairs:
         keep = np.sort(np.random.default_rng(seed).choice(len(i), size=max_pairs, replace=False))
         i, j = i[keep], j[keep]
+    if isinstance(dist, LpipsDistance):  # one backbone pass per image, not two per pair
+        feats = dist.features(arr)
+        return float(np.sum(dist.distances(feats, i, feats, j, chunk))) / len(i)
     total = 0.0
     for s in range(0, len(i), chunk):
         total += float(np.sum(dist(arr[i[s:s + chunk]], arr[j[s:s + chunk]])))
@@ -168,7 +207,12 @@ def assign_clusters(generated: Any, centres: Any, model: Any) -> np.ndarray:
     if gen.shape[1:] != cen.shape[1:]:
         raise ValueError(f"generated images {gen.shape[1:]} and centres {cen.shape[1:]} differ in size")
     dist = as_distance(model)
-    d = np.stack([dist(gen, np.broadcast_to(c, gen.shape)) for c in cen], axis=1)  # N x K
+    if isinstance(dist, LpipsDistance):  # N + K backbone passes instead of 2 N K
+        fg, fc = dist.features(gen), dist.features(cen)
+        n_idx = np.arange(len(gen))
+        d = np.stack([dist.distances(fg, n_idx, fc, np.full(len(gen), k)) for k in range(len(cen))], axis=1)
+    else:
+        d = np.stack([dist(gen, np.broadcast_to(c, gen.shape)) for c in cen], axis=1)  # N x K
     return np.argmin(d, axis=1)
 
 
