@@ -346,6 +346,17 @@ def test_nan_weights_are_refused_even_with_a_matching_hash(world, ckpt, capsys):
     assert listing(world) == before
 
 
+def test_a_checkpoint_from_a_newer_format_names_both_versions(world, ckpt, capsys):
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert meta["provenance"]["defectforge_version"]  # written by save_pretrained
+    meta["format"], meta["provenance"]["defectforge_version"] = 99, "9.9.9"
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    code, err = run(_generate(ckpt, world / "gen"), capsys)
+    assert code == 2
+    one_line_error(err, str(ckpt / "config.json"), "format 99", "9.9.9", "format 2")
+    assert not (world / "gen").exists()
+
+
 def test_truncated_weight_file_is_refused(world, ckpt, capsys):
     weights = sorted(ckpt.glob("*.safetensors"))[0]
     weights.write_bytes(weights.read_bytes()[:100])

@@ -7,6 +7,7 @@ handling) in seconds. Defect-Gen's own tests cover a real method through the sam
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -116,6 +117,17 @@ def test_stages_train_in_order_and_checkpoint_loads(ray_session, synth_root, tmp
     gen = load_generator(out.checkpoint)
     batch = gen.sample(2, Conditions(["x", "x"], ["y", "y"]), seed=1)
     assert batch.images.shape == (2, 32, 32, 3) and batch.images.dtype == np.uint8
+    # provenance: where these weights came from
+    import json
+
+    import defectforge
+    from defectforge.train.data import load_training_data
+    from defectforge.train.loop import rows_digest
+
+    prov = json.loads((Path(out.checkpoint) / "config.json").read_text())["provenance"]
+    assert prov["defectforge_version"] == defectforge.__version__ and prov["method"] == "test-toy"
+    assert prov["config"]["train"]["steps"] == 4 and prov["run_name"] == "toy"
+    assert prov["training_rows_sha256"] == rows_digest(load_training_data(cfg).rows)
 
 
 def test_only_the_stage_modules_change(ray_session, synth_root, tmp_path):

@@ -258,6 +258,7 @@ class Generator(nn.Module, ABC):
         # a checkpoint's recorded options replace them (``load_generator``).
         self.default_sampling = SamplingOptions(method={k: v for k, v in config.model_dump(mode="json").items()
                                                         if k in sampling_time_fields(type(config))})
+        self.provenance: dict[str, Any] = {}  # filled by the training loop, written by save_pretrained
 
     @classmethod
     def method_name(cls) -> str:
@@ -324,11 +325,15 @@ class Generator(nn.Module, ABC):
         return torch.device("cpu")
 
     # --------------------------------------------------------------------------- checkpoints
-    def save_pretrained(self, directory: str | Path, sampling: SamplingOptions | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, sampling: SamplingOptions | None = None,
+                        provenance: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` + one ``<module>.safetensors`` per saved module into ``directory``.
 
         ``sampling`` (default ``self.default_sampling``) is recorded as the checkpoint's default
-        sampling options."""
+        sampling options; ``provenance`` (default ``self.provenance``: what the training loop
+        knows — the full run config, a hash of the training rows' names, the run's name and MLflow
+        run id) goes under ``"provenance"`` with the package version, so a checkpoint that
+        travelled between machines still says where it came from."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         modules = self.saved_modules()
@@ -344,7 +349,9 @@ class Generator(nn.Module, ABC):
         meta = {"format": CHECKPOINT_FORMAT, "method": self.method_name(),
                 "method_config": self.config.model_dump(mode="json"), "context": self.context.to_json(),
                 "modules": sorted(modules), "sha256": hashes,
-                "sampling": (sampling or self.default_sampling).to_json()}
+                "sampling": (sampling or self.default_sampling).to_json(),
+                "provenance": {"defectforge_version": _package_version(),
+                               **(provenance if provenance is not None else self.provenance)}}
         (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return out
 
@@ -436,6 +443,12 @@ def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
                               "defectforge checkpoint config") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    fmt = meta.get("format")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > CHECKPOINT_FORMAT:
+        written_by = (meta.get("provenance") or {}).get("defectforge_version", "a newer version")
+        raise CheckpointError(f"{path}: checkpoint format {fmt} (written by defectforge {written_by}) is newer than "
+                              f"this defectforge {_package_version()} reads (format {CHECKPOINT_FORMAT}); "
+                              "upgrade defectforge to load it")
     if meta.get("format") != CHECKPOINT_FORMAT:
         hint = " (written before weight hashes were recorded; re-save it)" if meta.get("format") == 1 else ""
         raise CheckpointError(f"{path}: field 'format' is {meta.get('format')!r}, not {CHECKPOINT_FORMAT}{hint}")
@@ -480,12 +493,20 @@ def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
     missing = [f"{m}.safetensors" for m in modules if f"{m}.safetensors" not in hashes]
     if missing:
         raise bad("sha256", f"has no hash for {', '.join(missing)}")
+    if "provenance" in meta and not isinstance(meta["provenance"], dict):
+        raise bad("provenance", "is not an object")
     if "sampling" in meta:  # absent in checkpoints written before sampling options were recorded
         try:
             SamplingOptions.from_json(meta["sampling"])
         except (TypeError, ValueError, DefectforgeError) as exc:
             raise bad("sampling", f"is not valid sampling options: {exc}") from None
     return meta
+
+
+def _package_version() -> str:
+    import defectforge
+
+    return defectforge.__version__
 
 
 def checkpoint_sampling(meta: dict[str, Any]) -> SamplingOptions:

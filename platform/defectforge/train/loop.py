@@ -39,6 +39,15 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged: a loss became NaN or infinite."""
 
 
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """sha256 of the training rows' names (product/defect/id/split, sorted): the split a checkpoint
+    was trained on, comparable with the run's ``split_manifest.json`` without the pixels."""
+    import hashlib
+
+    names = sorted(f"{r['product']}/{r['defect']}/{r['id']}/{r.get('split', '')}" for r in rows)
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
 def _seed_for(seed: int, rank: int, global_step: int) -> int:
     # Torch RNG (noise, timesteps) reseeded per step: resume reproduces the uninterrupted run.
     return (seed * 1_000_003 + rank * 7_919 + global_step) % (2**63 - 1)
@@ -122,6 +131,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     gen = build_generator(cfg.method, context).to(device)
     gen.default_sampling = SamplingOptions.from_config(cfg)  # recorded in every checkpoint it saves
+    gen.provenance = {  # and where the weights came from (config.json "provenance")
+        "method": cfg.method.name, "config": loop_config["config"],
+        "training_rows_sha256": rows_digest(loop_config["rows"]), "run_name": label,
+        "mlflow_run_id": (loop_config.get("mlflow") or {}).get("run_id")}
     gen.prepare_from_data(loop_config["rows"])  # every row on every rank: model-free methods need all
     stages = select_stages(gen, tc.stages, tc.init_from)  # train.stages; the rest from train.init_from
     stage_steps = [s.steps or tc.steps for s in stages]
