@@ -571,3 +571,33 @@ def test_evaluate_refuses_a_foreign_out_and_an_unsafe_name_before_ray(world, ckp
     one_line_error(err, "--name")
     assert listing(world) == before
     assert _ray_started() == ray_before
+
+
+# ------------------------------------------------------------------------------ sweep resume
+def test_resuming_a_sweep_with_other_settings_is_refused_before_ray(world):
+    """A sweep restored under the same name must be the same sweep: Tune would restore the old
+    trials and run the rest with the new settings, one table mixing two sweeps."""
+    from defectforge.sweep.objectives import parse_objectives
+    from defectforge.sweep.run import check_resume, resume_record
+    from defectforge.paths import claim_output
+    from defectforge.sweep.space import load_space
+
+    base = [f"data.path={world / 'data'}", "data.products=[fabric]", f"tracking.run_root={world / 'runs'}",
+            "evaluation.feature_extractor=randfeat", "sweep.objective=seg_gain_pixel_ap:max",
+            "train.scaling.num_workers=1"]  # as sweep() records it (trials train on a Ray Train worker)
+    cfg = resolve_config(method="defect-gen", preset="tiny", overrides=base)
+    storage = world / "runs" / "sweeps"
+    objectives = parse_objectives("seg_gain_pixel_ap:max")
+    space = load_space("defect-gen", preset="tiny").source
+    claim_output(world / "runs", "run-root", resumable=True)  # as the interrupted sweep left it
+    check_resume(str(storage), "rs-fabric", resume_record(cfg, space, objectives, ["fabric"]))  # first start
+    (storage / "rs-fabric").mkdir(parents=True)  # Tune's folder of the interrupted study
+    check_resume(str(storage), "rs-fabric", resume_record(cfg, space, objectives, ["fabric"]))  # same: resumes
+    before = listing(world)
+    proc = run_fresh(world, ["sweep", "--method", "defect-gen", "--data", world / "data", "--products", "fabric",
+                             "--name", "rs", "--run-root", world / "runs", "--objective", "seg_gain_pixel_ap:max",
+                             "--trials", "9", "evaluation.feature_extractor=randfeat", "train.steps=7"])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    one_line_error(proc.stderr, "rs-fabric", "config.train.steps", "another sweep.name")
+    assert "RAY_STARTED False" in proc.stdout
+    assert changed_outside(before, listing(world), "runs/mlflow.db", "runs/mlartifacts") == []

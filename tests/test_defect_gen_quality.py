@@ -27,7 +27,7 @@ def test_laptop_preset_makes_defect_like_pairs(ray_session, tmp_path_factory, tm
     from defectforge.evaluate.metrics.quality import quality_metrics
     from defectforge.evaluate.run import load_real
     from defectforge.generate import GenerationPlan, sample_pairs
-    from defectforge.methods.base import build_generator, load_generator
+    from defectforge.methods.base import SamplingOptions, build_generator, load_generator
     from defectforge.train.runner import train
 
     from defectforge.data.synth import write_synthetic
@@ -46,9 +46,9 @@ def test_laptop_preset_makes_defect_like_pairs(ray_session, tmp_path_factory, tm
 
     real = load_real(cfg, synth_root, ["fabric"], cfg.data.resolution)
     plan = GenerationPlan.balanced(trained.context, 32 * 3)
-    kw = {"sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps}
-    rows, _ = sample_pairs(trained, plan, seed=0, batch_size=32, progress=False, **kw)
-    base_rows, _ = sample_pairs(untrained, plan, seed=0, batch_size=32, progress=False, **kw)
+    options = SamplingOptions.from_config(cfg)  # the laptop preset's DDIM steps and u, for both
+    rows, _ = sample_pairs(trained, plan, seed=0, batch_size=32, progress=False, options=options)
+    base_rows, _ = sample_pairs(untrained, plan, seed=0, batch_size=32, progress=False, options=options)
     extractor = make_extractor("randfeat")
     test_defects = np.stack([r["image"] for r in real["test"] if r["defect"] != "good"])
     real_feats = extractor.features(test_defects)

@@ -25,6 +25,58 @@ def default_name(cfg: ConfigBase) -> str:
     return cfg.sweep.name or f"sweep-{cfg.method.name}"
 
 
+def resume_record(cfg: ConfigBase, space_source: str | Path, objectives: list[Any], products: list[str]) -> dict[str, Any]:
+    """What a study's results depend on: the config (without tracking and sweep bookkeeping), the
+    search space's content and the objectives. A restored study must match it (``check_resume``)."""
+    import yaml
+
+    d = cfg.to_dict()
+    d.pop("tracking", None)
+    for k in ("name", "max_concurrent", "storage_path", "register_model", "space", "num_trials"):
+        d.get("sweep", {}).pop(k, None)
+    d["data"]["products"] = list(products)
+    return {"config": d, "space": yaml.safe_load(Path(space_source).read_text()),
+            "objectives": [dict(o.__dict__) for o in objectives]}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out or {prefix: {}}
+
+
+def check_resume(storage: str, study: str, record: dict[str, Any]) -> None:
+    """Refuse to restore ``study`` with other settings than it started with, naming the first field
+    that differs: Tune would restore the old trials and run the new ones with the new settings, a
+    silent mix of two sweeps in one table. On a first start the record is written beside Tune's
+    folder (``<storage>/<study>.sweep.json``). Remote storage (``s3://``...) is not checked here."""
+    if "://" in storage:
+        return
+    path = Path(storage) / f"{study}.sweep.json"
+    tune_dir = Path(storage) / study
+    if path.is_file() and tune_dir.is_dir():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise ConfigError(f"{path}: the record of sweep {study!r} is not readable JSON; remove {tune_dir} "
+                              f"and {path} to start the sweep again") from None
+        a, b = _flat(old), _flat(json.loads(json.dumps(record, default=str)))
+        diff = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+        if diff:
+            k = diff[0]
+            more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+            raise ConfigError(f"sweep {study!r} in {tune_dir} was started with other settings: {k} was "
+                              f"{a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}{more}; resuming would mix two "
+                              "sweeps' trials. Use another sweep.name (--name), or remove "
+                              f"{tune_dir} and {path} to start it again")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str))
+
+
 def model_name(method: str, products: list[str], per_product: bool) -> str:
     return f"defectforge-{method}" + (f"-{products[0]}" if per_product else "")
 
@@ -68,8 +120,6 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     from defectforge.train.runner import check_buildable
 
     check_buildable(cfg, data.context)  # the base config; each search-space point is checked at load
-    experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
-    uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
     if cfg.data.path is None:
         cfg = with_overrides(cfg, {"data.path": str(data.root)})
     if cfg.train.scaling.num_workers == 0:
@@ -79,6 +129,10 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     products = list(data.context.products)
     per_product = cfg.train.mode == "per-product"
     groups = [[p] for p in products] if per_product else [products]
+    for g in groups:  # a resumed study must be the same study (before Ray or any MLflow run)
+        check_resume(storage, f"{name}-{g[0]}" if per_product else name, resume_record(cfg, space.source, objectives, g))
+    experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
+    uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
     ensure_ray()
 
     space_meta = {"source": str(space.source), "parameters": sorted(space.parameters),
