@@ -353,7 +353,8 @@ def test_per_product_sweep_killed_three_times_runs_every_trial_once_on_its_own_p
                                 start_new_session=True)
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
-            if train.is_dir() and len(list(train.glob("kt-*"))) > seen:
+            n = len(list(train.glob("kt-*"))) if train.is_dir() else 0
+            if n > seen or n == 6:  # a new training started, or all 6 (2 products x 3 lrs) have
                 break
             time.sleep(0.5)
         assert proc.poll() is None, f"the sweep ended before kill {kill + 1} ({history})"

@@ -114,3 +114,41 @@ def resolve_device(name: str, flag: str = "--device") -> str:
     elif device.type not in ("cpu", "cuda"):
         raise DeviceError(f"{flag} {name}: only cpu and cuda devices are supported")
     return name
+
+
+def remove_leaked_placement_groups(log=print) -> int:
+    """Remove placement groups that a dead job left behind with nothing running in them.
+
+    Why: when a sweep driver is killed (SIGKILL, a crashed head process, a lost laptop running
+    ``ray job submit``), Ray Train's worker-group placement groups of the trainings it was running
+    can stay CREATED with their CPUs reserved (seen on Ray 2.x here: its PlacementGroupCleaner
+    actor outlived the job but did not remove them). The restored sweep then waits for CPUs for
+    ever, silently. A placement group is removed only when (a) the job that created it (the last 4
+    bytes of its id) is dead and (b) no live actor runs in it, so a live detached service (e.g.
+    Ray Serve replicas a finished job deployed) keeps its resources. Returns how many were removed;
+    each is logged. Best effort: without the state API (no dashboard) it removes nothing and says so.
+    """
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    try:
+        from ray.util.state import list_actors
+
+        dead_jobs = {j["JobID"] for j in ray.state.jobs() if j.get("IsDead")}
+        in_use = {a.placement_group_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=100_000)
+                  if a.placement_group_id}
+        table = placement_group_table()
+    except Exception as exc:  # the state API needs the dashboard; never fail a sweep over a cleanup
+        log(f"[cluster] could not check for placement groups left by dead jobs ({type(exc).__name__}: {exc})")
+        return 0
+    removed = 0
+    for pg_id, pg in table.items():
+        if pg.get("state") in ("CREATED", "PENDING", "RESCHEDULING") and pg_id[-8:] in dead_jobs \
+                and pg_id not in in_use:
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+            removed += 1
+            log(f"[cluster] removed placement group {pg_id} ({pg.get('bundles')}) left by dead job {pg_id[-8:]} "
+                "with nothing running in it (a killed driver's training)")
+    return removed

@@ -134,6 +134,11 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
     uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
     ensure_ray()
+    from defectforge.cluster import remove_leaked_placement_groups
+
+    # A killed earlier driver's trainings may still hold CPUs in placement groups nobody uses; a
+    # restored sweep on the same cluster would wait for them for ever.
+    remove_leaked_placement_groups(lambda msg: print(msg, flush=True))
 
     space_meta = {"source": str(space.source), "parameters": sorted(space.parameters),
                   "points_to_evaluate": space.points_to_evaluate,
