@@ -101,8 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from defectforge.config import parse_override
     from defectforge.errors import ConfigError, DataError
     from defectforge.generate import GenerationPlan, sample_pairs, write_pairs
-    from defectforge.methods import registry
-    from defectforge.methods.base import (GeneratorContext, check_sampling_fields, checkpoint_sampling,
+    from defectforge.methods.base import (GeneratorContext, check_checkpoint_sampling, checkpoint_sampling,
                                           load_generator, read_checkpoint_meta)
     from defectforge.paths import claim_output
 
@@ -125,9 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # The checkpoint's recorded options, with what the user asked for on top; checked against the
     # method's config model before the model is loaded.
     options = checkpoint_sampling(meta).merged(sampler=args.sampler, steps=args.steps, method=method_fields)
-    cls = registry.get(meta["method"])
-    check_sampling_fields(cls.config_class, meta["method_config"], options.method, options.guidance,
-                          cls.guidance_scales, meta["method"])
+    check_checkpoint_sampling(meta, options)
     if args.data and not Path(args.data).is_dir():
         raise DataError(f"--data {args.data}: dataset folder not found")
     device = resolve_device(args.device)

@@ -365,12 +365,12 @@ def _seg_overall(seg: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def config_sampling(cfg: ConfigBase, checkpoint: str | os.PathLike[str]) -> Any:
-    """``SamplingOptions`` of ``cfg`` for ``checkpoint``: ``cfg.sampling``, and ``cfg.method``'s
-    sampling-time fields when it configures the checkpoint's method (else the checkpoint's)."""
-    from defectforge.methods.base import SamplingOptions, checkpoint_sampling, read_checkpoint_meta
+def config_sampling(cfg: ConfigBase, meta: dict[str, Any]) -> Any:
+    """``SamplingOptions`` of ``cfg`` for the checkpoint ``meta`` describes: ``cfg.sampling``, and
+    ``cfg.method``'s sampling-time fields when it configures the checkpoint's method (else the
+    checkpoint's)."""
+    from defectforge.methods.base import SamplingOptions, checkpoint_sampling
 
-    meta = read_checkpoint_meta(checkpoint)
     mine = SamplingOptions.from_config(cfg)
     method = mine.method if cfg.method.name == meta["method"] else checkpoint_sampling(meta).method
     return SamplingOptions(sampler=mine.sampler, steps=mine.steps, guidance=mine.guidance, method=method)
@@ -440,14 +440,11 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     extractor, lpips_name = check_extractors(cfg)  # before any generation work
     names = _metric_names(extractor, lpips_name)
     if checkpoint is not None:  # how it samples, checked before any Ray or generation work
-        from defectforge.methods import registry
-        from defectforge.methods.base import check_sampling_fields, read_checkpoint_meta
+        from defectforge.methods.base import check_checkpoint_sampling, read_checkpoint_meta
 
-        sampling = sampling if sampling is not None else config_sampling(cfg, checkpoint)
         meta = read_checkpoint_meta(checkpoint)
-        cls = registry.get(meta["method"])
-        check_sampling_fields(cls.config_class, meta["method_config"], sampling.method, sampling.guidance,
-                              cls.guidance_scales, meta["method"])
+        sampling = sampling if sampling is not None else config_sampling(cfg, meta)
+        check_checkpoint_sampling(meta, sampling)
     root = resolve_data_root(cfg)
     wanted = cfg.data.products
     if context is not None:

@@ -551,6 +551,16 @@ def select_stages(gen: Generator, wanted: list[str] | None, init_from: str | Non
     return chosen
 
 
+def check_checkpoint_sampling(meta: dict[str, Any], options: SamplingOptions) -> None:
+    """``check_sampling_fields`` for the checkpoint ``meta`` describes (``read_checkpoint_meta``),
+    without loading its weights: ``generate`` and ``evaluate`` fail here before any model load."""
+    from defectforge.methods import registry
+
+    cls = registry.get(meta["method"])
+    check_sampling_fields(cls.config_class, meta["method_config"], options.method, options.guidance,
+                          cls.guidance_scales, meta["method"])
+
+
 def checkpoint_with_sampling(src: str | Path, dst: str | Path, sampling: SamplingOptions) -> Path:
     """``dst``: the checkpoint ``src`` with ``sampling`` as its recorded options.
 
@@ -622,17 +632,13 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu") ->
 
     from pydantic import ValidationError
 
-    from defectforge.config import ConfigError
-
     meta = read_checkpoint_meta(directory)
     cls = registry.get(meta["method"])
-    cfg_dict = dict(meta["method_config"])
-    try:  # the checkpoint's own config first: a problem there is the checkpoint's, not the user's
-        cls.config_class.model_validate(cfg_dict)
+    try:  # a problem in the checkpoint's own config is the checkpoint's, not the user's
+        config = cls.config_class.model_validate(dict(meta["method_config"]))
     except ValidationError as exc:
         raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: field 'method_config' is not a valid "
                               f"{meta['method']} config: {_first_error(exc)}") from None
-    config = cls.config_class.model_validate(cfg_dict)
     try:
         gen = cls(config, GeneratorContext.from_json(meta["context"])).to(device)
     except (ValueError, KeyError, TypeError) as exc:  # e.g. a context the method cannot build
