@@ -43,8 +43,16 @@ def _checkpoint(cfg, out: Path) -> Path:
 def sequential(cfg, checkpoint: Path, rows, real, references, extractor_kind: str, lpips_kind: str) -> dict:
     """The same evaluation work as the pipeline, in one process."""
     from defectforge.evaluate.metrics import (
-        GaussianStats, build_lpips, fid_from_stats, ic_lpips, inception_score_from_logits, kid, make_extractor,
-        mask_quality, mean_pairwise_lpips)
+        GaussianStats,
+        build_lpips,
+        fid_from_stats,
+        ic_lpips,
+        inception_score_from_logits,
+        kid,
+        make_extractor,
+        mask_quality,
+        mean_pairwise_lpips,
+    )
     from defectforge.generate import ConditionSource, GenerationPlan, sample_pairs
     from defectforge.methods.base import SamplingOptions, load_generator
 
@@ -352,7 +360,8 @@ def bench_sweep(args: argparse.Namespace) -> dict:
 
         scratch = Path(args.out or tempfile.mkdtemp(prefix="df-bench-"))
         cfg = resolve_config("defect-gen", args.preset, None, [
-            f"tracking.run_root={scratch}", f"sweep.num_trials={args.trials}", f"sweep.max_concurrent={args.concurrency}",
+            f"tracking.run_root={scratch}", f"sweep.num_trials={args.trials}",
+            f"sweep.max_concurrent={args.concurrency}",
             "sweep.register_model=false", "evaluation.feature_extractor=randfeat", *args.overrides])
         root = resolve_data_root(cfg)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(root)})})
@@ -365,9 +374,11 @@ def bench_sweep(args: argparse.Namespace) -> dict:
                          "sweeps record them since this version")
     own = sum(t.get("train_s", 0.0) + t["eval_s"] for t in timed)
     wall = float(summary["duration_s"])
-    print(f"[benchmark sweep] {len(timed)} finished trial(s), {sum(t.get('train_s', 0) > 0 for t in timed)} trained here")
+    trained = sum(t.get("train_s", 0) > 0 for t in timed)
+    print(f"[benchmark sweep] {len(timed)} finished trial(s), {trained} trained here")
     print(f"  sum of the trials' own train + evaluate: {own:8.1f} s "
-          f"(train {sum(t.get('train_s', 0.0) for t in timed):.1f} s, evaluate {sum(t['eval_s'] for t in timed):.1f} s)")
+          f"(train {sum(t.get('train_s', 0.0) for t in timed):.1f} s, "
+          f"evaluate {sum(t['eval_s'] for t in timed):.1f} s)")
     print(f"  sweep wall time                        : {wall:8.1f} s")
     print(f"  ratio wall / own: {wall / own:.2f} (goal <= 1.15)")
     return {"benchmark": "sweep", "trials": len(timed), "baseline": "sum of trials' own train + evaluate",

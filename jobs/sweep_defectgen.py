@@ -20,12 +20,13 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from defectforge.sweep.cli import add_sweep_arguments
+    from defectforge.cli.sweep import add_sweep_arguments
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--preset", choices=("tiny", "laptop", "paper"), default=None, help="tiny (tests), laptop (2 CPUs) or paper (GPU)")
+    p.add_argument("--preset", choices=("tiny", "laptop", "paper"), default=None,
+                   help="tiny (tests), laptop (2 CPUs) or paper (GPU)")
     p.add_argument("--config", help="YAML file refining the preset")
     add_sweep_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, applied last")
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from defectforge.cli import run_reporting_user_errors
-    from defectforge.sweep.cli import run_sweep_command
+    from defectforge.cli.sweep import run_sweep_command
 
     args = parse_args(argv)
     return run_reporting_user_errors(lambda: run_sweep_command(args, method="defect-gen", embedded_default=True))

@@ -299,8 +299,8 @@ def test_resume_with_other_settings_is_refused_naming_the_difference(world, caps
 
 
 def test_resume_with_the_same_settings_is_accepted(world):
-    from defectforge.train.runner import verify_resume
     from defectforge.train.data import load_training_data
+    from defectforge.train.runner import verify_resume
 
     run_dir = _recorded_run(world, ["train.steps=2", "train.log_every=1"])
     # log_every is bookkeeping: a resume may change it.
@@ -577,9 +577,9 @@ def test_evaluate_refuses_a_foreign_out_and_an_unsafe_name_before_ray(world, ckp
 def test_resuming_a_sweep_with_other_settings_is_refused_before_ray(world):
     """A sweep restored under the same name must be the same sweep: Tune would restore the old
     trials and run the rest with the new settings, one table mixing two sweeps."""
+    from defectforge.paths import claim_output
     from defectforge.sweep.objectives import parse_objectives
     from defectforge.sweep.run import check_resume, resume_record
-    from defectforge.paths import claim_output
     from defectforge.sweep.space import load_space
 
     base = [f"data.path={world / 'data'}", "data.products=[fabric]", f"tracking.run_root={world / 'runs'}",

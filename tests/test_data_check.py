@@ -180,9 +180,8 @@ def test_training_data_names_every_bad_sample_or_skips_them_when_told(synth_root
     error naming every bad training sample, or those samples left out, counted and listed."""
     from defectforge.config import resolve_config
     from defectforge.data.mvtec import DataError, scan_dataset
-    from defectforge.train.data import load_training_data
-
     from defectforge.data.splits import make_split
+    from defectforge.train.data import load_training_data
 
     copy = _writable_copy(synth_root, tmp_path / "data")
     index = scan_dataset(copy)

@@ -15,8 +15,14 @@ from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file, save_file
 
 from defectforge.config import ConfigError, resolve_config
-from defectforge.methods.base import (CheckpointError, Conditions, GeneratorContext, SamplingOptions, build_generator,
-                                      load_generator)
+from defectforge.methods.base import (
+    CheckpointError,
+    Conditions,
+    GeneratorContext,
+    SamplingOptions,
+    build_generator,
+    load_generator,
+)
 from defectforge.nn.unets import count_downsamplings
 
 CTX = GeneratorContext(products=("p",), classes={"p": ("hole", "scratch")}, resolution=64)

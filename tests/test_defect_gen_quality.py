@@ -22,6 +22,7 @@ from defectforge.config import resolve_config
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_laptop_preset_makes_defect_like_pairs(ray_session, tmp_path_factory, tmp_path):
+    from defectforge.data.synth import write_synthetic
     from defectforge.evaluate.metrics import kid
     from defectforge.evaluate.metrics.extractors import make_extractor
     from defectforge.evaluate.metrics.quality import quality_metrics
@@ -29,8 +30,6 @@ def test_laptop_preset_makes_defect_like_pairs(ray_session, tmp_path_factory, tm
     from defectforge.generate import GenerationPlan, sample_pairs
     from defectforge.methods.base import SamplingOptions, build_generator, load_generator
     from defectforge.train.runner import train
-
-    from defectforge.data.synth import write_synthetic
 
     # The built-in dataset as the laptop main job uses it: `data synth` defaults (128 px), loaded
     # at the preset's 64 px. (The session fixture draws at 64 px, where a scratch is one pixel wide.)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from defectforge.config import resolve_config
-from defectforge.evaluate.metrics import GaussianStats, MissingWeightsError, fid_from_stats
+from defectforge.evaluate.metrics import GaussianStats, MissingWeightsError
 
 SEG_METRICS = ("pixel_auroc", "pixel_ap")
 QUALITY_KEYS = ("mask_area_ratio", "mask_empty_rate", "visibility_contrast", "visibility_contrast_real",
@@ -95,11 +95,35 @@ def test_missing_standard_weights_names_the_file_before_generation(synth_root, t
     from defectforge.evaluate.run import evaluate
 
     cfg = _cfg(synth_root, tmp_path, "evaluation.feature_extractor=standard",
-               f"evaluation.weights_dir={tmp_path / 'weights'}")
+               f"evaluation.weights_dir={tmp_path / 'weights'}", "evaluation.require_standard_weights=true")
     out = tmp_path / "eval"
     with pytest.raises(MissingWeightsError, match="inception-2015-12-05.pt"):
         evaluate(cfg, checkpoint=_fake_checkpoint(tmp_path), out=out, log_to_mlflow=False)
     assert not out.exists(), "work started before the weights check"
+
+
+def test_without_standard_weights_the_stand_in_is_used_and_said_once(synth_root, tmp_path, monkeypatch, capsys):
+    """One policy: no weights folder (or a folder without the files) -> stand-in extractors, one
+    line, suffixed metric names; with the files present nothing changes."""
+    from defectforge.evaluate.metrics.extractors import WEIGHTS_ENV
+    from defectforge.evaluate.run import settle_extractors
+
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    for weights in (None, tmp_path / "empty"):
+        extra = [f"evaluation.weights_dir={weights}"] if weights else []
+        cfg = _cfg(synth_root, tmp_path, "evaluation.feature_extractor=standard", *extra)
+        settled = settle_extractors(cfg)
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+        assert settled.evaluation.feature_extractor == "randfeat"
+        assert len(lines) == 1 and "stand-in" in lines[0] and "require_standard_weights" in lines[0], lines
+        assert ("no weights directory" in lines[0]) if weights is None else ("inception-2015-12-05.pt" in lines[0])
+    from defectforge.sweep.objectives import default_objective
+
+    no_seg = _cfg(synth_root, tmp_path, "evaluation.feature_extractor=standard", "evaluation.segmentation=false")
+    assert default_objective(settle_extractors(no_seg)) == "kid_randfeat:min"
+    capsys.readouterr()
+    randfeat = _cfg(synth_root, tmp_path, "evaluation.feature_extractor=randfeat")
+    assert settle_extractors(randfeat) is randfeat and capsys.readouterr().out == ""
 
 
 def _fake_checkpoint(tmp_path):

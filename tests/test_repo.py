@@ -30,3 +30,25 @@ def test_main_job_command_runs_the_sweep_job():
 def test_no_init_py_in_platform():
     """A package named `platform` would shadow the standard library and break torch/ray imports."""
     assert not (ROOT / "platform" / "__init__.py").exists()
+
+
+def test_ruff_check_passes_with_the_configured_rules():
+    """``pyproject.toml``'s [tool.ruff] rules hold over the package, the jobs and the tests (ruff
+    is in the ``test`` extra, so CI runs this)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "platform", "jobs", "tests"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_each_method_has_one_name_for_module_and_search_space():
+    """``defect-gen`` -> ``methods/defect_gen.py`` and ``search_spaces/defect_gen.yaml``."""
+    from defectforge.methods import registry
+    from defectforge.sweep.space import find_space_file
+
+    for name, cls in registry.generators().items():
+        stem = name.replace("-", "_")
+        assert cls.__module__ == f"defectforge.methods.{stem}", (name, cls.__module__)
+        assert find_space_file(name) == ROOT / "search_spaces" / f"{stem}.yaml"

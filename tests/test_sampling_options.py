@@ -13,8 +13,15 @@ from defectforge import cli
 from defectforge.config import resolve_config
 from defectforge.errors import ConfigError
 from defectforge.generate import GenerationPlan, sample_pairs
-from defectforge.methods.base import (Conditions, GeneratorContext, SamplingOptions, build_generator,
-                                      checkpoint_with_sampling, load_generator, read_checkpoint_meta)
+from defectforge.methods.base import (
+    Conditions,
+    GeneratorContext,
+    SamplingOptions,
+    build_generator,
+    checkpoint_with_sampling,
+    load_generator,
+    read_checkpoint_meta,
+)
 
 CTX = GeneratorContext(("p",), {"p": ("hole", "scratch")}, 64)
 
@@ -32,8 +39,8 @@ def test_options_round_trip_merge_and_validation():
     merged = opts.merged(steps=3, method={"u": 30})
     assert (merged.sampler, merged.steps, merged.batch_size, merged.method) == ("ddpm", 3, 2, {"u": 30})
     assert opts.merged() == opts  # None keeps every value
-    for bad, field in ((dict(sampler="euler"), "sampler"), (dict(steps=0), "steps"), (dict(batch_size=True), "batch_size"),
-                       (dict(guidance={"cfg": "x"}), "guidance.cfg")):
+    for bad, field in ((dict(sampler="euler"), "sampler"), (dict(steps=0), "steps"),
+                       (dict(batch_size=True), "batch_size"), (dict(guidance={"cfg": "x"}), "guidance.cfg")):
         with pytest.raises(ConfigError, match=f"sampling.{field}"):
             SamplingOptions(**bad)
 
@@ -72,7 +79,8 @@ def test_checkpoint_records_options_and_a_trial_copy_carries_its_own(tmp_path):
     # default sampling == the recorded options, bit for bit
     cond = Conditions(["p"], ["hole"])
     np.testing.assert_array_equal(loaded.sample(1, cond, seed=4).images,
-                                  loaded.sample(1, cond, seed=4, options=SamplingOptions(steps=3, method={"u": 35})).images)
+                                  loaded.sample(1, cond, seed=4,
+                                                options=SamplingOptions(steps=3, method={"u": 35})).images)
 
 
 def test_generate_uses_the_checkpoints_options_unless_told_otherwise(tmp_path, capsys):

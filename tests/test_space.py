@@ -170,7 +170,7 @@ def test_apply_gives_a_valid_config_with_the_values(tmp_path):
 
 def test_defectgen_space_loads_and_its_points_validate():
     space = load_space("defect-gen")
-    assert space.source == REPO_SPACES / "defectgen.yaml"
+    assert space.source == REPO_SPACES / "defect_gen.yaml"
     assert load_space(space.source).parameters == space.parameters  # explicit path works too
     assert space.method == "defect-gen"
     d = to_optuna(space)
@@ -193,7 +193,7 @@ def test_defectgen_space_loads_and_its_points_validate():
 
 
 def test_laptop_main_job_space_sweeps_two_receptive_fields_inside_the_trained_u_range():
-    space = load_space(REPO_SPACES / "defectgen_laptop.yaml", preset="laptop")
+    space = load_space(REPO_SPACES / "defect_gen_laptop.yaml", preset="laptop")
     d = to_optuna(space)
     assert set(d["method.receptive_field"].choices) == {"small", "medium"}
     laptop = resolve_config(method="defect-gen", preset="laptop")

@@ -194,7 +194,8 @@ def _spec(name: str, product: str, tmp_path: Path):
     cfg = resolve_config(method="defect-gen", preset="tiny", overrides=[f"data.products=[{product}]"])
     return StudySpec(name=name, products=[product], cfg=cfg.to_dict(), space_source=str(_space(tmp_path, [0.001])),
                      storage=str(tmp_path / "sweeps"), uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                     experiment="defectforge/defect-gen", parent_run_id="-", objectives=parse_objectives("kid_randfeat"))
+                     experiment="defectforge/defect-gen", parent_run_id="-",
+                     objectives=parse_objectives("kid_randfeat"))
 
 
 def test_each_study_registers_its_trainable_under_its_own_name(ray_session, tmp_path):
@@ -279,7 +280,8 @@ def _assert_each_trial_on_its_own_product(tmp_path: Path, uri: str, sweep: str, 
             assert c.data.params["products"] == product, f"{c.info.run_name}: {c.data.params['products']}\n{detail}"
             assert c.info.status != "RUNNING", f"{c.info.run_name} left RUNNING\n{detail}"
             if c.info.status == "KILLED":
-                assert c.data.tags["defectforge.end_reason"].startswith(("stopped by ASHA", "its Tune trial was lost")), \
+                reason = c.data.tags["defectforge.end_reason"]
+                assert reason.startswith(("stopped by ASHA", "its Tune trial was lost")), \
                     detail
         for c in children:  # a trial's Train run (train once: named by study + training key) is tagged
             train_run = c.data.tags.get("defectforge.train_run")

@@ -166,6 +166,9 @@ class SamplingConfig(_Strict):
 class EvaluationConfig(_Strict):
     feature_extractor: Literal["standard", "randfeat"] = "standard"
     weights_dir: str | None = Field(None, description="local dir with Inception/LPIPS weights; env DEFECTFORGE_WEIGHTS")
+    require_standard_weights: bool = Field(
+        False, description="feature_extractor=standard without the weights files is an error; false = use the "
+                           "stand-in extractors (metric names suffixed _randfeat/_randnet) and say so in one line")
     n_per_defect: int = Field(16, ge=1)
     segmentation: bool = True
     seg_seeds: int = Field(2, ge=1)

@@ -4,7 +4,7 @@ Parametrised over the registry (diffusers' ``ModelTesterMixin`` / anomalib's ``t
 pattern): a method gets all of it by registering, with its ``tiny`` preset. What the loop itself
 guarantees for any method (stages in order, exact resume mid-stage) is pinned in
 ``tests/test_train_loop.py`` with a two-stage toy method; Defect-Gen's resume through Ray Train
-is in ``tests/test_train_defectgen.py``.
+is in ``tests/test_train_defect_gen.py``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ import torch
 from defectforge.config import resolve_config
 from defectforge.errors import ConfigError
 from defectforge.methods import registry
-from defectforge.methods.base import (Conditions, GeneratorContext, SamplingOptions, build_generator,
-                                      load_generator, sampling_time_fields)
+from defectforge.methods.base import (
+    Conditions,
+    GeneratorContext,
+    SamplingOptions,
+    build_generator,
+    load_generator,
+    sampling_time_fields,
+)
 from defectforge.train.data import StepBatches, rows_to_tensors
 
 METHODS = sorted(n for n in registry.generators() if not n.startswith("test-"))

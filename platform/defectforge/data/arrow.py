@@ -10,8 +10,9 @@ Columns: ``product, defect, id, split`` (string), ``height, width`` (int32), ``i
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

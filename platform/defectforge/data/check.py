@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from defectforge.data.mvtec import read_native, scan_dataset
 from defectforge.data.sample import BadSampleError, DataError, SampleRef

@@ -17,14 +17,13 @@ in ``DatasetIndex.issues`` rather than raised, so training still runs and ``data
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
-from defectforge.paths import is_regular_file, non_regular_kind, unsafe_reason
 from defectforge.data.sample import (
     GOOD,
     IMAGE_EXTS,
@@ -34,6 +33,7 @@ from defectforge.data.sample import (
     SampleRef,
     id_sort_key,
 )
+from defectforge.paths import is_regular_file, non_regular_kind, unsafe_reason
 
 PRODUCT_PARTS = ("train", "test", "ground_truth")
 Issue = tuple[Path, str]

@@ -224,7 +224,8 @@ def _split_one(refs: list[SampleRef], cfg: Any, groups: dict[Path, str]) -> tupl
         train = [r for r in refs if groups[r.image_path] in chosen]
         test = [r for r in refs if groups[r.image_path] not in chosen]
         if not train or not test:
-            raise DataError(f"group split: {where} has {len(names)} group(s); need at least 2 for a train and a test side")
+            raise DataError(f"group split: {where} has {len(names)} group(s); "
+                            "need at least 2 for a train and a test side")
         return train, test
     if k < 1 or k >= n:
         raise DataError(f"{cfg.protocol} split: {where} has {n} defective image(s), which leaves "

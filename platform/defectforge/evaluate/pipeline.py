@@ -55,7 +55,6 @@ from defectforge.evaluate.blocks import FEATURE_COLUMNS, PAIR_COLUMNS, finish_bl
 from defectforge.evaluate.metrics import GaussianStats
 
 
-
 @dataclass
 class PipelineSpec:
     """What the pipeline runs with (plain data, so it is cheap to ship to actors)."""
@@ -206,7 +205,8 @@ def _from_parquet(path: Path, products: list[str] | None, resolution: int) -> tu
     classes: dict[str, tuple[str, ...]] = {}
     for product in sorted(found):
         cfile = (path.parent if path.is_file() else path) / product / "classes.json"
-        classes[product] = tuple(json.loads(cfile.read_text())["classes"]) if cfile.is_file() else tuple(sorted(found[product]))
+        classes[product] = (tuple(json.loads(cfile.read_text())["classes"]) if cfile.is_file()
+                            else tuple(sorted(found[product])))
     ds = to_ray_dataset(path).map_batches(_keep_pairs, batch_format="numpy",
                                           fn_kwargs={"products": sorted(found), "resolution": resolution})
     return ds, classes

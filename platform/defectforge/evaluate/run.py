@@ -23,13 +23,13 @@ would measure the spread between types rather than within them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,35 @@ def check_extractors(cfg: ConfigBase) -> tuple[str, str]:
                      "set evaluation.feature_extractor=randfeat")
         return "inception", build_lpips("standard", ev.weights_dir).name
     return ev.feature_extractor, build_lpips("randnet").name
+
+
+def settle_extractors(cfg: ConfigBase, log: Any = print) -> ConfigBase:
+    """One weights policy for every command (evaluate, sweep, the main job, the jobs/ scripts).
+
+    ``evaluation.feature_extractor=standard`` (the default) uses the standard networks when the
+    weights folder holds their files; when it does not, the stand-in extractors (``randfeat``
+    features, ``randnet`` LPIPS) take over, every metric name says so (``kid_randfeat``,
+    ``lpips_randnet``), and one line tells the user. ``evaluation.require_standard_weights=true``
+    turns a missing file into the ``MissingWeightsError`` naming it. Returns the config in force,
+    so the objective names, the trials and the summary all agree on the extractor.
+    """
+    from defectforge.config import with_overrides
+    from defectforge.errors import MissingWeightsError
+
+    ev = cfg.evaluation
+    if ev.feature_extractor != "standard":
+        return cfg
+    try:
+        check_extractors(cfg)
+    except MissingWeightsError as exc:
+        if ev.require_standard_weights:
+            raise
+        reason = str(exc).split(": put ")[0]
+        log(f"[weights] standard metrics unavailable ({reason}): using the stand-in extractors, metric names "
+            "end in _randfeat / _randnet; set evaluation.require_standard_weights=true to make this an error",
+            flush=True)
+        return with_overrides(cfg, {"evaluation.feature_extractor": "randfeat"})
+    return cfg
 
 
 def _metric_names(extractor: str, lpips_name: str) -> dict[str, str]:
@@ -101,6 +130,11 @@ def load_real(cfg: ConfigBase, root: Path, products: list[str], resolution: int)
 
 
 # ---------------------------------------------------------------------------------- metrics
+def _is_group(product: str, defect: str | None, pp: str, dd: str) -> bool:
+    """Row filter of one (product, defect) group, or of a whole product when ``defect`` is None."""
+    return pp == product and (defect is None or dd == defect)
+
+
 def fidelity_and_diversity(result: Any, classes: dict[str, tuple[str, ...]], names: dict[str, str],
                            kid_subsets: int = 100) -> dict[str, Any]:
     """Per (product, defect), per product and overall metric dicts from a ``PipelineResult``."""
@@ -150,12 +184,12 @@ def fidelity_and_diversity(result: Any, classes: dict[str, tuple[str, ...]], nam
         for d in classes[p]:
             if (GENERATED, p, d) not in result.stats:
                 continue
-            match = (lambda pp, dd, p=p, d=d: pp == p and dd == d)
-            defects[d] = {**level(match), **{k: float(v) for k, v in div.get((p, d), {}).items() if k in div_keys}}
+            defects[d] = {**level(partial(_is_group, p, d)),
+                          **{k: float(v) for k, v in div.get((p, d), {}).items() if k in div_keys}}
         if not defects:
             continue
-        match = (lambda pp, dd, p=p: pp == p)
-        products[p] = {"metrics": {**level(match), **diversity_mean(match)}, "defects": defects}
+        of_product = partial(_is_group, p, None)
+        products[p] = {"metrics": {**level(of_product), **diversity_mean(of_product)}, "defects": defects}
     overall = {**level(lambda pp, dd: pp in products), **diversity_mean(lambda pp, dd: pp in products)}
     return {"products": products, "overall": overall}
 
@@ -269,11 +303,11 @@ def real_seg_key(train_rows: list[dict], test_rows: list[dict], seed: int, steps
     """
     import hashlib
 
+    import torch
+
     import defectforge.evaluate.seg_metrics as m1
     import defectforge.evaluate.segmentation as m2
     import defectforge.evaluate.segmenter as m3
-
-    import torch
 
     h = hashlib.blake2b(digest_size=20)
     for mod in (m1, m2, m3):
@@ -319,9 +353,8 @@ def run_segmentation(real: dict[str, Any], products: list[str], pair_refs: list[
     """
     import ray
 
-    from defectforge.evaluate.segmentation import CONDITIONS, REAL, aggregate_runs
-
     from defectforge.cluster import outside_placement_group
+    from defectforge.evaluate.segmentation import CONDITIONS, REAL, aggregate_runs
 
     task = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy=outside_placement_group())(_seg_task)
     refs, cached, to_store = [], [], []
@@ -418,6 +451,7 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     the sampling-time fields of ``cfg.method`` when ``cfg.method`` is the checkpoint's method (a
     sweep trial's ``u``), else the checkpoint's recorded options for those fields. The options
     used are in the summary (``sampling``)."""
+    from defectforge.cluster import check_gpus_available, ensure_ray
     from defectforge.evaluate.pipeline import (
         PipelineSpec,
         conditions_rows,
@@ -425,10 +459,10 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
         generated_from_path,
         run_pipeline,
     )
-    from defectforge.evaluate.report import format_table, log_to_mlflow as mlflow_log, sample_grid, write_summary
-    from defectforge.train.data import resolve_data_root
-    from defectforge.cluster import check_gpus_available, ensure_ray
+    from defectforge.evaluate.report import format_table, sample_grid, write_summary
+    from defectforge.evaluate.report import log_to_mlflow as mlflow_log
     from defectforge.paths import claim_output, safe_component
+    from defectforge.train.data import resolve_data_root
 
     if (checkpoint is None) == (generated is None):
         raise ConfigError("evaluate: pass exactly one of checkpoint (a generator dir) or generated (pairs)")
@@ -437,6 +471,8 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     t_start = time.perf_counter()
     ev = cfg.evaluation
     method, context = _source_meta(checkpoint, generated)
+    cfg = settle_extractors(cfg, log=(lambda *a, **k: None) if quiet else print)
+    ev = cfg.evaluation
     extractor, lpips_name = check_extractors(cfg)  # before any generation work
     names = _metric_names(extractor, lpips_name)
     if checkpoint is not None:  # how it samples, checked before any Ray or generation work
@@ -609,50 +645,3 @@ def _grid_real(rows: list[dict[str, Any]], per_group: int = 4) -> dict[tuple[str
         if len(out[(r["product"], r["defect"])]) < per_group:
             out[(r["product"], r["defect"])].append((r["image"], r["mask"]))
     return dict(out)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``defectforge evaluate`` on the CLI's subparsers (cli.py calls this)."""
-    from defectforge.cli import _config_args
-
-    p = subparsers.add_parser(
-        "evaluate", help="evaluate a checkpoint or generated pairs: FID/KID/IS, LPIPS, masks, downstream gain",
-        description="Evaluate a generator: generate pairs on Ray Data actors (or read a folder / Parquet of "
-                    "pairs), compute fidelity, diversity and mask metrics against the real data, train a "
-                    "segmenter on real vs real + synthetic data, print a table, write a JSON summary and log "
-                    "one MLflow run.")
-    _config_args(p, method_default=None)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="DIR", help="generator dir (config.json + *.safetensors)")
-    src.add_argument("--generated", metavar="DIR_OR_PARQUET", help="pairs in MVTec layout or a Parquet file")
-    p.add_argument("--data", metavar="PATH", help="real dataset root (default: built-in synthetic)")
-    p.add_argument("--out", metavar="DIR", help="output dir (default: <run_root>/evaluations/<name>)")
-    p.add_argument("--name", help="evaluation run name")
-    p.add_argument("--summary-json", metavar="FILE", help="write the summary JSON here too")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the output folder whole when it holds an earlier defectforge output")
-    p.set_defaults(func=cmd_evaluate)
-    return p
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from defectforge.cli import _resolve
-
-    extra: dict[str, Any] = {"data": {}}
-    if args.data:
-        extra["data"]["path"] = args.data
-    if args.checkpoint and not getattr(args, "method", None):
-        from defectforge.methods.base import read_checkpoint_meta
-
-        args.method = read_checkpoint_meta(args.checkpoint)["method"]
-    cfg = _resolve(args, extra)
-    sampling = None
-    if args.checkpoint:
-        base = _resolve(argparse.Namespace(**{**vars(args), "config": None, "overrides": []}), extra)
-        sampling = explicit_sampling(cfg, base, args.checkpoint)
-    evaluate(cfg, checkpoint=args.checkpoint, generated=args.generated, out=args.out,
-             summary_json=args.summary_json, log_to_mlflow=not args.no_mlflow, name=args.name,
-             overwrite=getattr(args, "overwrite", False), sampling=sampling)
-    return 0

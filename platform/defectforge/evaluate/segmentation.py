@@ -252,7 +252,8 @@ def carve_validation_rows(rows: Sequence[Row], fraction: float, seed: int) -> tu
     Strata are (product, defect), so val holds defect and defect-free rows when both exist.
     A stratum of n >= 2 rows gives max(1, round(fraction * n)) rows to val but keeps at least one
     in train; a single-row stratum stays in train. Rows are ordered by id first, so the result
-    depends on the seed only, not on input order (up to rows with equal id and split). Val rows are tagged ``split="val"``.
+    depends on the seed only, not on input order (up to rows with equal id and split). Val rows
+    are tagged ``split="val"``.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")

@@ -628,9 +628,9 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu") ->
     Its recorded sampling options become ``default_sampling``; callers change them per call with
     ``SamplingOptions`` (sampling-time method fields such as Defect-Gen's ``u`` included).
     """
-    from defectforge.methods import registry
-
     from pydantic import ValidationError
+
+    from defectforge.methods import registry
 
     meta = read_checkpoint_meta(directory)
     cls = registry.get(meta["method"])

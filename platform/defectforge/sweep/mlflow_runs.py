@@ -100,10 +100,10 @@ def close_study_runs(uri: str, experiment: str, sweep_name: str,
     ``outcomes`` maps trial id -> (status, reason) from the study's final ResultGrid. A trial that
     finished already closed its own run (left alone unless still RUNNING); an errored trial whose
     run is still RUNNING becomes FAILED; a stopped trial becomes KILLED, also if its run was marked
-    FAILED while its actor was torn down (a FINISHED run holds a whole result and stays). A RUNNING child run whose trial id is not in the
-    ResultGrid belonged to a trial lost with a killed driver (Tune's state did not record it): it
-    becomes KILLED with that reason. Runs after a normal end and after a restore alike.
-    Returns {trial id: new status} of the runs it changed."""
+    FAILED while its actor was torn down (a FINISHED run holds a whole result and stays). A RUNNING
+    child run whose trial id is not in the ResultGrid belonged to a trial lost with a killed driver
+    (Tune's state did not record it): it becomes KILLED with that reason. Runs after a
+    normal end and after a restore alike. Returns {trial id: new status} of the runs it changed."""
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -113,8 +113,9 @@ def close_study_runs(uri: str, experiment: str, sweep_name: str,
         replace = ("RUNNING", "FAILED") if status == "KILLED" else ("RUNNING",)
         if close_child(uri, experiment, sweep_name, trial_id, status, reason, replace=replace):
             changed[trial_id] = status
-    runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}' and "
-                                                   "tags.`defectforge.kind` = 'trial' and attributes.status = 'RUNNING'")
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`{SWEEP_TAG}` = '{sweep_name}' and tags.`defectforge.kind` = 'trial' "
+                              "and attributes.status = 'RUNNING'")
     for run in runs:
         trial_id = run.data.tags.get(TRIAL_TAG)
         if trial_id not in outcomes:

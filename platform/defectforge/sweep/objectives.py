@@ -70,7 +70,8 @@ def pareto_front(rows: list[dict[str, Any]], objectives: list[Objective]) -> lis
 def best_row(rows: list[dict[str, Any]], objective: Objective) -> dict[str, Any] | None:
     import math
 
-    valid = [r for r in rows if isinstance(r.get(objective.metric), (int, float)) and math.isfinite(r[objective.metric])]
+    valid = [r for r in rows
+             if isinstance(r.get(objective.metric), (int, float)) and math.isfinite(r[objective.metric])]
     if not valid:
         return None
     return max(valid, key=lambda r: r[objective.metric] if objective.mode == "max" else -r[objective.metric])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from defectforge.config import ConfigBase, ConfigError, with_overrides
-from defectforge.sweep.objectives import Objective, best_row, default_objective, parse_objectives, pareto_front
+from defectforge.sweep.objectives import Objective, best_row, default_objective, pareto_front, parse_objectives
 from defectforge.sweep.runner import StudySpec, run_study
 
 
@@ -25,7 +25,8 @@ def default_name(cfg: ConfigBase) -> str:
     return cfg.sweep.name or f"sweep-{cfg.method.name}"
 
 
-def resume_record(cfg: ConfigBase, space_source: str | Path, objectives: list[Any], products: list[str]) -> dict[str, Any]:
+def resume_record(cfg: ConfigBase, space_source: str | Path, objectives: list[Any],
+                  products: list[str]) -> dict[str, Any]:
     """What a study's results depend on: the config (without tracking and sweep bookkeeping), the
     search space's content and the objectives. A restored study must match it (``check_resume``)."""
     import yaml
@@ -83,15 +84,18 @@ def model_name(method: str, products: list[str], per_product: bool) -> str:
 
 def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep described by ``cfg.sweep``; returns the summary dict."""
-    import ray
 
     from defectforge import tracking
+    from defectforge.cluster import ensure_ray
+    from defectforge.evaluate.run import settle_extractors
     from defectforge.sweep import mlflow_runs
     from defectforge.sweep.space import load_space
     from defectforge.train.data import load_training_data
-    from defectforge.cluster import ensure_ray
 
     t0 = time.perf_counter()
+    # The extractor in force (standard weights, else the stand-in, said in one line) decides the
+    # metric names, hence the default objective; the trials get the settled config.
+    cfg = settle_extractors(cfg)
     objectives = parse_objectives(cfg.sweep.objective or default_objective(cfg), cfg.sweep.mode)
     seg = [o.metric for o in objectives if o.metric.startswith("seg_")]
     if seg and not cfg.evaluation.segmentation:
@@ -102,7 +106,8 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
         raise ConfigError(f"search space {space.source} is for method {space.method!r}, not {cfg.method.name!r}")
     name = default_name(cfg)
     run_root = Path(cfg.tracking.run_root).resolve()
-    storage = str(Path(cfg.sweep.storage_path).resolve() if cfg.sweep.storage_path and "://" not in cfg.sweep.storage_path
+    local_storage = cfg.sweep.storage_path and "://" not in cfg.sweep.storage_path
+    storage = str(Path(cfg.sweep.storage_path).resolve() if local_storage
                   else (cfg.sweep.storage_path or run_root / "sweeps"))
     # Output policy (defectforge.paths), before MLflow, data or Ray: the run root is new, empty or
     # defectforge's, and a local storage path is writable; a GPU request has a GPU to run on.
@@ -113,9 +118,6 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     if "://" not in storage:
         check_output_parent(storage, flag="sweep.storage_path")
     check_gpus_available(cfg.train.scaling.use_gpu, "train.scaling.use_gpu")
-    from defectforge.evaluate.run import check_extractors
-
-    check_extractors(cfg)  # missing standard weights fail here, not after the first trial trained
     data = load_training_data(cfg)  # validates the data (and writes the synthetic set) before any trial
     from defectforge.train.runner import check_buildable
 
@@ -130,7 +132,8 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     per_product = cfg.train.mode == "per-product"
     groups = [[p] for p in products] if per_product else [products]
     for g in groups:  # a resumed study must be the same study (before Ray or any MLflow run)
-        check_resume(storage, f"{name}-{g[0]}" if per_product else name, resume_record(cfg, space.source, objectives, g))
+        check_resume(storage, f"{name}-{g[0]}" if per_product else name,
+                     resume_record(cfg, space.source, objectives, g))
     experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
     uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
     ensure_ray()

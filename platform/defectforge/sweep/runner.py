@@ -21,7 +21,6 @@ runs the evaluation pipeline on the trained checkpoint and reports the objective
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -131,8 +130,8 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
     try:
         data = load_training_data(cfg, spec.products)
         if sorted(data.context.products) != sorted(spec.products):
-            raise RuntimeError(f"trial {trial_id} of study {spec.name!r} loaded products {list(data.context.products)}, "
-                               f"not its study's {spec.products}")
+            raise RuntimeError(f"trial {trial_id} of study {spec.name!r} loaded products "
+                               f"{list(data.context.products)}, not its study's {spec.products}")
         # Train once, sweep many: trials whose training-relevant config is equal share one Train
         # run (named by its hash); only sampling-time fields differ between them (train/reuse.py).
         train_name = reuse.run_name(spec.name, cfg)
@@ -155,7 +154,6 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
             Path(spec.storage) / "train-once" / train_name, train,
             log=lambda msg: print(f"[sweep] {msg}", flush=True))
         import mlflow
-
         from mlflow.entities import RunTag
 
         mlflow.MlflowClient(spec.uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in {
@@ -178,7 +176,8 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
 
         remote_eval = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=outside_placement_group())(evaluate)
         t_eval = time.perf_counter()
-        summary = ray.get(remote_eval.remote(cfg, checkpoint=checkpoint, log_to_mlflow=False, quiet=True, sampling=sampling,
+        summary = ray.get(remote_eval.remote(cfg, checkpoint=checkpoint, log_to_mlflow=False, quiet=True,
+                                             sampling=sampling,
                                              out=Path(spec.storage) / "eval" / f"{spec.name}-{trial_id}"))
         timing["eval_s"] = time.perf_counter() - t_eval
         objectives = objective_values(summary)
@@ -264,7 +263,8 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         row.update({k: v for k, v in (res.config or {}).items() if k in space.parameters})
         row["params"] = {k: v for k, v in (res.config or {}).items() if k in space.parameters}
         for k, v in (res.metrics or {}).items():
-            if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s") or any(k == o.metric for o in objectives):
+            if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s") \
+                    or any(k == o.metric for o in objectives):
                 row[k] = v
         row["status"] = "error" if res.error else ("done" if all(o.metric in row for o in objectives) else "stopped")
         rows.append(row)

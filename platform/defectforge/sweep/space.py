@@ -35,9 +35,10 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.distributions import (
@@ -230,10 +231,10 @@ def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]
 def find_space_file(method: str) -> Path:
     """``search_spaces/<method>.yaml`` next to the package, else under the working directory.
 
-    The file name is the method name without dashes (``defectgen.yaml``) or with underscores
-    (``crop_paste.yaml``).
+    One name per method: the file is the method name with underscores for dashes
+    (``defect-gen`` -> ``defect_gen.yaml``), as its module is (``methods/defect_gen.py``).
     """
-    stems = dict.fromkeys([method.replace("-", ""), method.replace("-", "_"), method])
+    stems = [method.replace("-", "_")]
     roots = dict.fromkeys([REPO_SPACES, Path(os.getcwd()) / "search_spaces"])
     tried = []
     for root in roots:

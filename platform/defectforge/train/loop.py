@@ -18,6 +18,7 @@ import dataclasses
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,14 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from defectforge.config import config_from_dict
-from defectforge.methods.base import (Generator, GeneratorContext, SamplingOptions, build_generator,
-                                      read_checkpoint_meta, select_stages)
+from defectforge.methods.base import (
+    Generator,
+    GeneratorContext,
+    SamplingOptions,
+    build_generator,
+    read_checkpoint_meta,
+    select_stages,
+)
 from defectforge.train.data import StepBatches, rows_to_tensors
 
 GENERATOR_DIR = "generator"
@@ -256,13 +263,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     # A finished stage keeps its EMA weights: later stages build on those.
                     ema.copy_to(params)
                 next_stage, next_step = (stage_index + 1, 0) if done else (stage_index, step + 1)
-                metrics = {**last_losses, "loss": last_losses[f"{stage.name}/loss"], "global_step": global_step, "stage": stage.name,
+                metrics = {**last_losses, "loss": last_losses[f"{stage.name}/loss"], "global_step": global_step,
+                           "stage": stage.name,
                            "stage_step": step + 1, "epoch_equiv": global_step * tc.batch_size / max(len(rows), 1)}
                 state = {"stage_index": next_stage, "stage_step": next_step, "global_step": global_step,
                          "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
                          "metrics": metrics}
                 _report(metrics, rank, local_root, global_step, tc.num_to_keep,
-                        lambda d: _save(d, gen, None if done else ema, params, state))
+                        partial(_save, gen=gen, ema=None if done else ema, params=params, state=state))
         del model
     if not stages and resume_state is None:
         # A model-free method (no stages) still leaves a loadable checkpoint.

@@ -22,9 +22,9 @@ from typing import Any
 
 from defectforge.cluster import ensure_ray
 from defectforge.config import ConfigBase, save_config
+from defectforge.methods.base import GeneratorContext
 from defectforge.train.data import TrainingData, load_training_data
 from defectforge.train.loop import GENERATOR_DIR, train_loop_per_worker
-from defectforge.methods.base import GeneratorContext
 
 
 @dataclass

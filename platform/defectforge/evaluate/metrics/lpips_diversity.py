@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lpips
 import numpy as np
@@ -65,7 +66,8 @@ class LpipsDistance:
         self.batch_size = batch_size
 
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.array(images, copy=True)).to(self.device)  # writable: blocks from the object store are read-only
+        # A writable copy: blocks from the object store are read-only.
+        x = torch.from_numpy(np.array(images, copy=True)).to(self.device)
         return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # LPIPS expects [-1, 1]
 
     @torch.no_grad()
@@ -143,7 +145,8 @@ def _load_backbone(model: torch.nn.Module, path: Path) -> None:
     used = {f"features.{key.split('.', 1)[1]}" for key in target}
     unused = sorted(k for k in source if k.startswith("features.") and k not in used)
     if missing or unused:
-        raise RuntimeError(f"backbone weights {path} do not fit LPIPS's network: missing {missing}, unexpected {unused}")
+        raise RuntimeError(f"backbone weights {path} do not fit LPIPS's network: "
+                           f"missing {missing}, unexpected {unused}")
     model.net.load_state_dict(mapped, strict=True)
 
 

@@ -16,7 +16,8 @@ Each statistic is reported for both sets so a change can be read without the rea
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from scipy import ndimage

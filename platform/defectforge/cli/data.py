@@ -1,4 +1,4 @@
-"""``defectforge data synth`` and ``defectforge data check`` (registered by ``cli.py``)."""
+"""``defectforge data synth`` and ``defectforge data check``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared command-line handling of sweeps: ``defectforge sweep`` and ``jobs/sweep_defectgen.py``.
+"""``defectforge sweep``, ``jobs/sweep.py`` and the main job ``jobs/sweep_defectgen.py``: one handling of sweep flags.
 
 Flags become config values (``--trials`` -> ``sweep.num_trials`` ...); trailing ``key=value``
 overrides come last. The embedded default (no ``--data``) sweeps the built-in synthetic dataset's
@@ -11,6 +11,7 @@ import argparse
 import json
 from typing import Any
 
+from defectforge.cli.common import config_args
 from defectforge.sweep.space import REPO_SPACES
 
 # The main job's embedded default: the laptop preset on the built-in synthetic data's first product,
@@ -19,13 +20,24 @@ from defectforge.sweep.space import REPO_SPACES
 # 12 minutes with the venv set-up on a fresh clone (README).
 EMBEDDED_DEFAULT = {
     "data": {"products": ["fabric"]},
-    "evaluation": {"feature_extractor": "randfeat", "n_per_defect": 16, "seg_seeds": 2, "seg_steps": 100},
+    "evaluation": {"n_per_defect": 16, "seg_seeds": 2, "seg_steps": 100},
     # Every trial of the laptop sweep should end with a model to compare in MLflow, so no early
     # stopping here; cluster sweeps keep sweep.scheduler=asha (the default).
     "sweep": {"num_trials": 8, "scheduler": "none", "max_concurrent": 2,
-              "space": str(REPO_SPACES / "defectgen_laptop.yaml")},
+              "space": str(REPO_SPACES / "defect_gen_laptop.yaml")},
 }
 EMBEDDED_PRESET = "laptop"
+
+
+def add_sweep_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="sweep a method's hyper-parameters (Ray Tune + Optuna, MLflow runs)",
+                       description="Sweep hyper-parameters over search_spaces/<method>.yaml: each trial trains "
+                                   "(Ray Train), evaluates and reports the objective; the best generator is "
+                                   "registered in MLflow with the alias 'best'. Re-running with the same "
+                                   "--name and storage resumes an interrupted sweep.")
+    config_args(p)
+    add_sweep_arguments(p)
+    p.set_defaults(func=lambda args: run_sweep_command(args, method=args.method))
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -112,5 +111,6 @@ def test_cli_per_product_and_multi_product(ray_session, synth_root, tmp_path, ca
     assert main(["train", *common, "--mode", "multi-product", "--out", str(tmp_path / "mp")]) == 0
     gen = load_generator(tmp_path / "mp" / "train-defect-gen-fabric+metal" / "generator")
     assert gen.context.products == ("fabric", "metal")
-    batch = gen.sample(2, Conditions(["fabric", "metal"], ["hole", "scratch"]), seed=0, options=SamplingOptions(steps=2))
+    batch = gen.sample(2, Conditions(["fabric", "metal"], ["hole", "scratch"]), seed=0,
+                       options=SamplingOptions(steps=2))
     assert batch.product == ["fabric", "metal"] and batch.images.shape[0] == 2

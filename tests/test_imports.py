@@ -1,0 +1,125 @@
+"""The layering the code relies on: ``config`` imports no method, nothing below the CLI imports
+the CLI, and no module-level import circle exists anywhere in the package.
+
+Why it matters: a method module imports ``config`` (its config class derives from
+``MethodConfigBase``) and registers itself; if ``config`` imported methods back, adding a method
+could break config loading in ways that depend on import order.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "defectforge"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _top_level_imports(path: Path, modules: set[str]) -> set[str]:
+    """defectforge modules imported when ``path`` is imported (module body, not functions, not
+    ``if TYPE_CHECKING:``), resolved to the longest existing module name."""
+    out: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.If):
+                if not _is_type_checking(node):
+                    visit(node.body)
+                    visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for h in node.handlers:
+                    visit(h.body)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                out.add(node.module)
+                out.update(f"{node.module}.{a.name}" for a in node.names)
+
+    visit(ast.parse(path.read_text()).body)
+    resolved = set()
+    for name in out:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name.startswith("defectforge"):
+            resolved.add(name)
+    # Importing a.b.c also imports its parent packages a.b and a.
+    for name in list(resolved):
+        parts = name.split(".")
+        resolved.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return resolved
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    return {m: _top_level_imports(p, modules) - {m} for m, p in files.items()}
+
+
+def test_no_module_level_import_circle():
+    graph = _graph()
+    # A parent package importing its own child is not a circle for Python (the child sees the
+    # partially initialised parent); only edges to non-ancestors count.
+    edges = {m: {d for d in deps if not m.startswith(d + ".") and d != m.rpartition(".")[0]}
+             for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(edges.get(m, ())):
+            if state.get(d) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                dfs(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            dfs(m)
+
+
+def test_nothing_below_the_cli_imports_it():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if "cli" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports too
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "defectforge.cli" or n.startswith("defectforge.cli.") for n in names):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offenders, f"modules below the CLI import it: {offenders}"
+
+
+def test_importing_config_imports_no_method_and_no_cli():
+    code = ("import json, sys; import defectforge.config; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('defectforge'))))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert "defectforge.config" in loaded
+    assert not [m for m in loaded if m.startswith(("defectforge.methods", "defectforge.cli", "defectforge.evaluate",
+                                                   "defectforge.nn"))], loaded
+    # The method union is built lazily, on first validation of a config that names a method.
+    code = ("import json, sys; from defectforge.config import resolve_config; resolve_config(method='defect-gen'); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('defectforge.methods'))))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert "defectforge.methods.defect_gen" in loaded
