@@ -601,3 +601,21 @@ def test_resuming_a_sweep_with_other_settings_is_refused_before_ray(world):
     one_line_error(proc.stderr, "rs-fabric", "config.train.steps", "another sweep.name")
     assert "RAY_STARTED False" in proc.stdout
     assert changed_outside(before, listing(world), "runs/mlflow.db", "runs/mlartifacts") == []
+
+
+def test_a_run_root_holding_only_defectforge_folders_is_shared_and_nothing_else_is(tmp_path):
+    """``train --out runs/dg`` then ``evaluate`` (default run root ``runs``): ``runs`` holds only a
+    defectforge folder, so the next command may use it (the README's sequence); one foreign
+    entry beside it and it is refused as before."""
+    from defectforge.paths import OutputError, claim_output, read_marker
+
+    runs = tmp_path / "runs"
+    claim_output(runs / "dg", "run-root", resumable=True)
+    folder, resumed = claim_output(runs, "run-root", resumable=True, flag="tracking.run_root")
+    assert folder == runs and resumed and read_marker(runs)["kind"] == "run-root"
+    other = tmp_path / "other"
+    claim_output(other / "dg", "run-root", resumable=True)
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not created by defectforge"):
+        claim_output(other, "run-root", resumable=True, flag="tracking.run_root")
+    assert read_marker(other) is None and (other / "notes.txt").read_text() == "mine"

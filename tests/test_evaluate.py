@@ -40,6 +40,7 @@ def _plain_loop():
     return module
 
 
+@pytest.mark.slow
 def test_pipeline_metrics_equal_plain_loop(ray_session, synth_root, tmp_path):
     """One actor pass + driver-side statistics give the plain loop's FID/KID/IS/LPIPS/IC-LPIPS/mask
     numbers per defect type, with 2 actors and a last generation batch that is not full (18 pairs, batch 4)."""
@@ -193,6 +194,7 @@ def _check_summary(summary, products):
         assert math.isfinite(summary["overall"][key]), key
 
 
+@pytest.mark.slow
 def test_evaluate_crop_paste_checkpoint_end_to_end(crop_paste_checkpoint, synth_root, tmp_path):
     import json
 
@@ -233,6 +235,7 @@ def test_evaluate_crop_paste_checkpoint_end_to_end(crop_paste_checkpoint, synth_
     assert {"pairs", "features", "sample_grid.png", "summary.json"} <= {a.path for a in artifacts}
 
 
+@pytest.mark.slow
 def test_evaluate_generated_folder(crop_paste_checkpoint, synth_root, tmp_path):
     from defectforge.evaluate.run import evaluate
     from defectforge.generate import ConditionSource, GenerationPlan, sample_pairs, write_pairs
@@ -266,6 +269,7 @@ def test_generated_parquet_source(ray_session, synth_root, tmp_path):
     assert set(classes) == {"fabric"}
 
 
+@pytest.mark.slow
 def test_all_split_skips_segmentation_and_sees_copies_of_training_images(ray_session, synth_root, tmp_path):
     """``data.split.protocol=all``: every defective image trains, so no defective test image is left.
     The downstream segmentation is skipped (and says so) and the memorisation baseline is undefined;

@@ -111,3 +111,37 @@ def test_generate_uses_the_checkpoints_options_unless_told_otherwise(tmp_path, c
                      "--device", "cpu", "--steps", "2", "method.u=10"]) == 0
     info = json.loads((tmp_path / "g2" / "generation.json").read_text())
     assert (info["sampling"]["steps"], info["sampling"]["method"]) == (2, {"u": 10})
+
+
+def test_a_mask_without_the_requested_defects_class_is_redrawn_and_counted():
+    """A pair labelled ``scratch`` whose mask holds only ``hole`` pixels is as useless as an empty
+    one: it is redrawn, and counted when it stays so (``generate`` then leaves it out)."""
+    from defectforge.generate import GenerationPlan, has_own_defect, sample_pairs
+    from defectforge.methods.base import GeneratedBatch, GeneratorContext
+
+    ctx = GeneratorContext(("p",), {"p": ("hole", "scratch")}, 8)
+
+    class WrongClassFirst:  # draws the hole class for every request on its first call only
+        requires_normal_images = requires_masks = False
+        context, default_sampling, calls = ctx, SamplingOptions(), []
+
+        def sampling_config(self, options):
+            return None
+
+        def sample(self, n, cond, seed, options=None):
+            self.calls.append(list(cond.defect))
+            masks = np.zeros((n, 8, 8), np.uint8)
+            for i, d in enumerate(cond.defect):
+                masks[i, 2:4, 2:4] = 1 if len(self.calls) == 1 else ctx.class_id("p", d)
+            return GeneratedBatch(np.zeros((n, 8, 8, 3), np.uint8), masks, list(cond.product), list(cond.defect))
+
+    gen = WrongClassFirst()
+    rows, stats = sample_pairs(gen, GenerationPlan(["p"] * 4, ["hole", "scratch"] * 2), seed=0, batch_size=4,
+                               progress=False)
+    assert gen.calls == [["hole", "scratch", "hole", "scratch"], ["scratch", "scratch"]]
+    assert stats == {"redrawn": 2, "still_empty": 0}
+    assert all(has_own_defect(r["mask"][None], [ctx.class_id("p", r["defect"])])[0] for r in rows)
+    gen.calls.clear()  # the next call is a first one again (wrong class), and no redraw is allowed
+    _, stats = sample_pairs(gen, GenerationPlan(["p"] * 4, ["hole", "scratch"] * 2), seed=0, batch_size=4,
+                            progress=False, max_attempts=1)
+    assert stats == {"redrawn": 0, "still_empty": 2}

@@ -230,6 +230,7 @@ def _lowest_third_rows(root, resolution=64):
     return load(train, "train"), load(test, "test")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_segmenter_trained_on_real_synthetic_data_detects_defects(synth_root, seed):
     train_rows, test_rows = _lowest_third_rows(synth_root)

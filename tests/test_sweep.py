@@ -45,6 +45,7 @@ def _children(uri: str, sweep: str) -> list:
                                                    "tags.`defectforge.kind` = 'trial'")
 
 
+@pytest.mark.slow
 def test_sweep_logs_runs_registers_best_and_survives_a_diverging_trial(ray_session, synth_root, tmp_path):
     from defectforge.sweep.run import sweep
 
@@ -84,6 +85,7 @@ def test_sweep_logs_runs_registers_best_and_survives_a_diverging_trial(ray_sessi
     assert len(out) == 1
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_a_multi_objective_sweep_to_succeeded(ray_head, synth_root, tmp_path):
     """The front door as users take it: ``ray job submit --working-dir . -- python
     jobs/sweep_defectgen.py`` against the session's head (``ray start --head``), waited on until
@@ -128,6 +130,7 @@ def test_ray_job_submit_runs_a_multi_objective_sweep_to_succeeded(ray_head, synt
     assert [c.info.status for c in _children(summary["tracking_uri"], "mo-fabric")] == ["FINISHED"] * 2
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_and_runs_every_trial_once(ray_session, synth_root, tmp_path):
     """Also issue 10's "a killed-and-restored sweep trains none twice": the two trials differ only
     in u (sampling-time), so the second reuses the first's generator, before or after the kill."""
@@ -315,19 +318,21 @@ def _assert_each_trial_on_its_own_product(tmp_path: Path, uri: str, sweep: str, 
     return runs_per_study
 
 
+@pytest.mark.slow
 def test_per_product_sweep_trains_every_trial_on_its_own_studys_product(ray_session, synth_root, tmp_path):
-    """Issue 19: two studies (fabric, metal), three trials each. Every trial trains its own study's
+    """Issue 19: two studies (fabric, metal), two trials each (the later trial is the one the bug moved
+    to the other product; the three-kill test below runs three). Every trial trains its own study's
     product and every child run is closed. (ASHA is off: on the test cluster a stopped trial's Train
     placement group leaks, see the report of issue 19, and the next trial waits for its CPU.)"""
     from defectforge.sweep.run import sweep
 
     cfg = resolve_config(method="defect-gen", preset="tiny", overrides=[
         f"data.path={synth_root}", f"tracking.run_root={tmp_path}",
-        f"sweep.space={_space(tmp_path, [0.002, 1e-9, 0.0005])}", "sweep.num_trials=3", "sweep.name=pp",
+        f"sweep.space={_space(tmp_path, [0.002, 1e-9])}", "sweep.num_trials=2", "sweep.name=pp",
         "sweep.scheduler=none", "sweep.max_concurrent=1", "evaluation.segmentation=false", *TINY])
     summary = sweep(cfg, summary_json=tmp_path / "pp.json")
     assert [s["products"] for s in summary["studies"]] == [["fabric"], ["metal"]]
-    assert all(len(s["trials"]) == 3 for s in summary["studies"])
+    assert all(len(s["trials"]) == 2 for s in summary["studies"])
     _assert_each_trial_on_its_own_product(tmp_path, summary["tracking_uri"], "pp", summary, ["fabric", "metal"],
                                           json.dumps(summary["studies"], default=str)[-4000:])
 
@@ -369,7 +374,7 @@ def test_per_product_sweep_killed_three_times_runs_every_trial_once_on_its_own_p
     detail = f"Train folders at each kill {history}\n{again.stdout[-5000:]}\n{again.stderr[-2000:]}"
     assert again.returncode == 0, detail
     summary = json.loads((tmp_path / "kt.json").read_text())
-    assert all(len(s["trials"]) == 3 for s in summary["studies"]), detail
+    assert all(len(s["trials"]) == 2 for s in summary["studies"]), detail
     _assert_each_trial_on_its_own_product(tmp_path, uri, "kt", summary, ["fabric", "metal"], detail)
 
 

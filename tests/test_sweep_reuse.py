@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from defectforge.config import resolve_config
 
@@ -15,6 +16,7 @@ TINY = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=4", "eval
         "evaluation.n_per_defect=2", "evaluation.segmentation=false", "sampling.steps=3"]
 
 
+@pytest.mark.slow
 def test_four_trials_two_differing_only_in_u_train_three_generators(ray_session, synth_root, tmp_path):
     from defectforge.sweep.run import sweep
 

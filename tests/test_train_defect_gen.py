@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -27,6 +28,7 @@ def _cfg(root, tmp_path, *overrides):
         f"tracking.run_root={tmp_path}", *overrides])
 
 
+@pytest.mark.slow
 def test_ddp_two_workers_trains_and_checkpoints(ray_session, synth_root, tmp_path):
     from defectforge.train.runner import train
 
@@ -54,6 +56,7 @@ def _registered_step(snapshot: Path) -> int | None:
     return latest["metrics"]["global_step"] if latest else None
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(ray_session, synth_root, tmp_path):
     """Kill the training driver after its first checkpoint; the same command resumes from it and
     ends with the weights of an uninterrupted run."""
@@ -97,6 +100,7 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, synth_root, tmp_pat
 
 
 
+@pytest.mark.slow
 def test_cli_per_product_and_multi_product(ray_session, synth_root, tmp_path, capsys):
     """`--products a,b` trains one generator per product (concurrent Ray tasks); with
     `--mode multi-product` one generator conditioned on both products."""

@@ -23,17 +23,33 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = None
+    runtime_env: dict | None = None
     if under_ray_job() and not package_installed():
         package = package_dir()
         print(f"[cluster] defectforge is not installed on the cluster: shipping {package} to the workers "
               "(runtime_env py_modules)", flush=True)
         runtime_env = {"py_modules": [str(package)]}
+    plugins = plugin_runtime_env()
+    if plugins:
+        runtime_env = {**(runtime_env or {}), "env_vars": plugins}
     # Ray Train gives a worker group 60 s to start; on a busy 2-CPU machine (two sweep trials
     # importing torch at once while an evaluation runs) that failed a trial measured here. A local
     # cluster started below inherits this environment; a remote one keeps its own setting.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, runtime_env=runtime_env)
+
+
+def plugin_runtime_env() -> dict[str, str]:
+    """Env vars that let Ray workers import the methods in ``DEFECTFORGE_PLUGINS`` folders: the
+    variable itself (their registries discover the same methods) and the folders on
+    ``PYTHONPATH`` (objects of a plugin's classes unpickle there). Empty without plugins."""
+    from defectforge.methods.registry import PLUGINS_ENV, plugin_dirs
+
+    dirs = [str(d) for d in plugin_dirs()]
+    if not dirs:
+        return {}
+    path = os.pathsep.join([*dirs, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    return {PLUGINS_ENV: os.environ[PLUGINS_ENV], "PYTHONPATH": path}
 
 
 def under_ray_job() -> bool:

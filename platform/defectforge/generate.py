@@ -11,7 +11,12 @@ Output layout (readable by ``defectforge data check`` and by every reader here):
 
 Why empty masks are redrawn: a defect pair without a defect is useless for training and is a bad
 sample for every reader; ``sampling.reject_empty_masks`` redraws it (new seed) up to
-``sampling.max_attempts`` times and reports how many it redrew and how many stayed empty.
+``sampling.max_attempts`` times and reports how many it redrew and how many stayed empty. "Empty"
+means no pixel of the *requested* defect's class: a pair labelled ``scratch`` whose mask holds
+only ``hole`` pixels (an under-trained multi-class model does this) is mislabelled, not a scratch,
+and would be a bad sample in the written dataset (``data check`` refuses it). ``generate`` leaves
+the pairs still empty after the last attempt out of what it writes (``--keep-empty`` keeps them);
+the evaluation keeps them, because how often a generator misses is part of what it measures.
 
 Methods that blend onto defect-free images (``requires_normal_images``, e.g. Crop-Paste) or take
 given masks (``requires_masks``) get them from a ``ConditionSource``: defect-free images from the
@@ -143,6 +148,11 @@ class GenerationPlan:
         return cls([p for p, _ in chosen], [d for _, d in chosen])
 
 
+def has_own_defect(masks: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Per pair: does its mask (N,H,W class ids) hold any pixel of its own class ``own`` (N)?"""
+    return (masks == np.asarray(own).reshape(-1, 1, 1)).reshape(len(masks), -1).any(axis=1)
+
+
 def sample_pairs(gen: Generator, plan: GenerationPlan, seed: int, batch_size: int,
                  reject_empty: bool = True, max_attempts: int = 4, progress: bool = True,
                  source: ConditionSource | None = None, id_offset: int = 0,
@@ -177,8 +187,9 @@ def sample_pairs(gen: Generator, plan: GenerationPlan, seed: int, batch_size: in
         cond = conditions(plan.product[start:stop], plan.defect[start:stop], seed * 100_003 + b)
         out = gen.sample(stop - start, cond, seed=seed * 100_003 + b, options=options)
         images, masks = out.images.copy(), out.masks.copy()
+        own = np.array([gen.context.class_id(p, d) for p, d in zip(cond.product, cond.defect)])
         for attempt in range(1, max_attempts if reject_empty else 1):
-            empty = np.flatnonzero(masks.reshape(len(masks), -1).max(axis=1) == 0)
+            empty = np.flatnonzero(~has_own_defect(masks, own))
             if len(empty) == 0:
                 break
             stats["redrawn"] += len(empty)
@@ -186,7 +197,7 @@ def sample_pairs(gen: Generator, plan: GenerationPlan, seed: int, batch_size: in
             retry = conditions([cond.product[i] for i in empty], [cond.defect[i] for i in empty], retry_seed)
             again = gen.sample(len(empty), retry, seed=retry_seed, options=options)
             images[empty], masks[empty] = again.images, again.masks
-        stats["still_empty"] += int((masks.reshape(len(masks), -1).max(axis=1) == 0).sum())
+        stats["still_empty"] += int((~has_own_defect(masks, own)).sum())
         for i in range(stop - start):
             rows.append({"image": images[i], "mask": masks[i], "product": cond.product[i],
                          "defect": cond.defect[i], "id": f"{id_offset + start + i:05d}", "split": "synthetic"})

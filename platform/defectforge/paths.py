@@ -152,6 +152,8 @@ def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False
     * marked by defectforge and ``overwrite`` -> deleted and recreated; resumed=False;
     * ``legacy`` names a file/folder whose presence marks an unmarked folder as an output of this
       kind written by an earlier version (e.g. ``mlflow.db`` in a run root): it is marked and used;
+    * ``resumable`` and the unmarked folder holds only defectforge-marked folders (``runs/`` after
+      ``train --out runs/dg``) -> marked and used;
     * otherwise ``OutputError`` naming the folder, what it holds and what to do.
 
     ``create=False`` runs every check (refusals, writability of the folder or of its nearest
@@ -164,6 +166,12 @@ def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False
     if folder.is_dir() and not _is_empty(folder):
         mark = read_marker(folder)
         if mark is None and legacy and any((folder / name).exists() for name in legacy):
+            mark = {"kind": kind}
+            if create:
+                _write_marker(folder, kind)
+        if mark is None and resumable and _holds_only_defectforge_outputs(folder):
+            # e.g. ``runs/`` after ``train --out runs/dg``: the default run root of the next
+            # command holds nothing but defectforge's own folders, so it may share it.
             mark = {"kind": kind}
             if create:
                 _write_marker(folder, kind)
@@ -200,6 +208,12 @@ def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False
         raise OutputError(f"{flag} {exc}") from None
     _write_marker(folder, kind)
     return folder, False
+
+
+def _holds_only_defectforge_outputs(folder: Path) -> bool:
+    """Every entry of ``folder`` is a folder defectforge created (it carries the marker)."""
+    entries = list(folder.iterdir())
+    return bool(entries) and all(e.is_dir() and not e.is_symlink() and read_marker(e) is not None for e in entries)
 
 
 def _write_marker(folder: Path, kind: str) -> None:

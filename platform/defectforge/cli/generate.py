@@ -24,7 +24,9 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--product")
     g.add_argument("--products", help="comma-separated products (default: all the checkpoint knows)")
     p.add_argument("--defects", help="comma-separated defect types (default: all)")
-    p.add_argument("--keep-empty", action="store_true", help="keep pairs whose mask is empty")
+    p.add_argument("--keep-empty", action="store_true",
+                   help="write pairs whose mask holds no pixel of their defect after --max-attempts draws "
+                        "(default: leave them out and say how many)")
     p.add_argument("--max-attempts", type=int, default=4, help="draws per pair when redrawing empty masks")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--overwrite", action="store_true",
@@ -87,11 +89,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"sampling: {shown}", flush=True)
     rows, stats = sample_pairs(gen, plan, args.seed, args.batch_size, reject_empty=not args.keep_empty,
                                max_attempts=args.max_attempts, source=source, options=options)
+    if not args.keep_empty and stats["still_empty"]:
+        # Still without a pixel of their own defect after --max-attempts draws: not written (a
+        # mislabelled pair would poison a training set; ``data check`` refuses it).
+        from defectforge.generate import has_own_defect
+
+        keep = [bool(has_own_defect(r["mask"][None], [gen.context.class_id(r["product"], r["defect"])])[0])
+                for r in rows]
+        rows = [r for r, k in zip(rows, keep) if k]
+        print(f"[generate] left out {len(keep) - len(rows)} pair(s) still without their defect after "
+              f"{args.max_attempts} draws (--keep-empty keeps them)", flush=True)
     out, _ = claim_output(args.out, "generate", overwrite=args.overwrite)
     out = write_pairs(rows, out, gen.context)
-    info = {"checkpoint": str(Path(args.checkpoint).resolve()), "n": args.n, "seed": args.seed,
+    info = {"checkpoint": str(Path(args.checkpoint).resolve()), "n": args.n, "written": len(rows), "seed": args.seed,
             "sampling": options.to_json(), **stats}
     (out / "generation.json").write_text(json.dumps(info, indent=2))
-    print(f"[generate] wrote {len(rows)} pairs to {out} (redrawn empty masks: {stats['redrawn']}, "
-          f"still empty: {stats['still_empty']})")
+    print(f"[generate] wrote {len(rows)} pairs to {out} (redrawn masks without their defect: "
+          f"{stats['redrawn']}, still without: {stats['still_empty']})")
     return 0

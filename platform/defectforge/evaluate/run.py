@@ -466,6 +466,9 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
 
     if (checkpoint is None) == (generated is None):
         raise ConfigError("evaluate: pass exactly one of checkpoint (a generator dir) or generated (pairs)")
+    # Absolute paths: Ray workers and actors do not run in this process's working directory.
+    checkpoint = None if checkpoint is None else Path(checkpoint).resolve()
+    generated = None if generated is None else Path(generated).resolve()
     if name is not None:  # it becomes a folder name under <run_root>/evaluations
         safe_component(name, "evaluation name (--name)", error=ConfigError)
     t_start = time.perf_counter()

@@ -1,13 +1,24 @@
 """Method registry: name -> (generator class, config class), filled by discovering methods/*.py.
 
 Why discovery: adding a generator must touch one new file. Every module in this package (except
-the shared ``base``/``registry``) is imported once, and its ``@register`` decorators run.
+the shared ``base``/``registry`` and ``_private`` helpers) is imported once, and its
+``@register`` decorators run.
+
+Methods outside the package (a user's own, or a test's): name folders in env
+``DEFECTFORGE_PLUGINS`` (``os.pathsep``-separated). Each ``*.py`` in them is imported as a
+top-level module named by its file (the folder is appended to ``sys.path``, so the standard
+library and installed packages keep their names), and a ``<module>.yaml`` beside it is that
+method's search space. ``cluster.ensure_ray`` passes the variable and the folders to Ray workers
+(``runtime_env``), so Train workers, Tune trials and Ray Data actors see the same methods.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -17,6 +28,29 @@ if TYPE_CHECKING:  # pragma: no cover
 _GENERATORS: dict[str, type[Generator]] = {}
 _DISCOVERED = False
 _SKIP = {"base", "registry"}
+PLUGINS_ENV = "DEFECTFORGE_PLUGINS"
+
+
+def plugin_dirs() -> list[Path]:
+    """The folders named in ``DEFECTFORGE_PLUGINS`` (resolved), in order."""
+    return [Path(p).expanduser().resolve() for p in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p.strip()]
+
+
+def _import_plugins() -> None:
+    from defectforge.errors import ConfigError
+
+    for folder in plugin_dirs():
+        if not folder.is_dir():
+            raise ConfigError(f"{PLUGINS_ENV}: {folder} is not a folder")
+        if str(folder) not in sys.path:
+            sys.path.append(str(folder))
+        for path in sorted(folder.glob("*.py")):
+            if path.stem.startswith("_"):
+                continue
+            module = importlib.import_module(path.stem)
+            if Path(getattr(module, "__file__", "") or "").resolve() != path.resolve():
+                raise ConfigError(f"{PLUGINS_ENV}: plugin {path} is shadowed by the module {path.stem!r} at "
+                                  f"{getattr(module, '__file__', None)}; rename the file")
 
 
 def register(cls: type[Generator]) -> type[Generator]:
@@ -38,6 +72,7 @@ def _discover() -> None:
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name not in _SKIP and not info.name.startswith("_"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _import_plugins()
     _DISCOVERED = True
 
 

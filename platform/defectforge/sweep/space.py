@@ -234,8 +234,11 @@ def find_space_file(method: str) -> Path:
     One name per method: the file is the method name with underscores for dashes
     (``defect-gen`` -> ``defect_gen.yaml``), as its module is (``methods/defect_gen.py``).
     """
+    from defectforge.methods.registry import plugin_dirs
+
     stems = [method.replace("-", "_")]
-    roots = dict.fromkeys([REPO_SPACES, Path(os.getcwd()) / "search_spaces"])
+    # A plugin method's space sits beside its module (see methods/registry.py).
+    roots = dict.fromkeys([REPO_SPACES, Path(os.getcwd()) / "search_spaces", *plugin_dirs()])
     tried = []
     for root in roots:
         for stem in stems:
