@@ -117,7 +117,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def bench_eval(args: argparse.Namespace) -> dict:
     """Plain loop vs Ray Data pipeline on the same conditions; returns the figures."""
     from defectforge.config import resolve_config
-    from defectforge.evaluate.pipeline import PipelineSpec, conditions_rows, generated_from_checkpoint, run_pipeline
+    from defectforge.evaluate.pipeline import (
+        PipelineSpec,
+        conditions_rows,
+        diversity_on_driver,
+        generated_from_checkpoint,
+        run_pipeline,
+    )
     from defectforge.evaluate.run import load_real
     from defectforge.methods.base import read_checkpoint_meta
     from defectforge.train.data import resolve_data_root
@@ -147,7 +153,9 @@ def bench_eval(args: argparse.Namespace) -> dict:
 
     _ray(args.address)
     spec = PipelineSpec(extractor="randfeat", weights_dir=None, lpips_kind="randnet", num_actors=args.num_actors,
-                        batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed)
+                        batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed,
+                        diversity_on_driver=diversity_on_driver(cfg.evaluation.diversity, len(rows),
+                                                                int(context["resolution"])))
     t = time.perf_counter()
     gen = generated_from_checkpoint(checkpoint, rows, spec, options, data_root=str(root),
                                     split=cfg.data.split.model_dump(mode="json"))
@@ -157,7 +165,8 @@ def bench_eval(args: argparse.Namespace) -> dict:
     print(f"[benchmark eval] {len(rows)} pairs ({method}), {len(real['reference'])} real reference images, "
           f"batch size {spec.batch_size}")
     print(f"  sequential loop  : {seq_s:8.2f} s")
-    print(f"  Ray Data pipeline: {pipe_s:8.2f} s  ({args.num_actors} actor(s); "
+    print(f"  Ray Data pipeline: {pipe_s:8.2f} s  ({args.num_actors} actor(s), diversity on the "
+          f"{'driver' if spec.diversity_on_driver else 'cluster (tasks)'}; "
           + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()) + ")")
     print(f"  ratio pipeline/sequential: {pipe_s / seq_s:.2f}  (sequential/pipeline speed-up {seq_s / pipe_s:.2f}x)")
     return {"benchmark": "eval", "pairs": len(rows), "method": method, "num_actors": args.num_actors,

@@ -177,6 +177,10 @@ class EvaluationConfig(_Strict):
     cache_real_segmentation: bool = Field(
         True, description="reuse the real-only segmentation baseline (identical for every trial of a study) "
                           "from <run_root>/cache/segmentation-real, keyed by a hash of its rows, seed and steps")
+    diversity: Literal["auto", "driver", "tasks"] = Field(
+        "auto", description="where LPIPS / IC-LPIPS / mask quality run: one Ray task per (product, defect) "
+                            "(scales out), the driver (no worker start-up), or auto = the driver up to 64 MiB "
+                            "of generated pixels")
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0)
 

@@ -12,6 +12,7 @@ Shape of one run::
         store (``PipelineResult.pair_refs``), and its feature rows back to the driver
     driver: feature rows -> GaussianStats per (source, product, defect) (FID), KID / IS inputs
     one Ray task per (product, defect): LPIPS, IC-LPIPS, mask quality, from the pair blocks
+        (or, for a small evaluation, the same function in the driver: ``diversity_on_driver``)
 
 An existing folder (MVTec layout, as ``defectforge generate`` writes) or Parquet file of generated
 pairs replaces the conditions blocks: the folder's files are decoded by Ray tasks (``decode_refs``)
@@ -66,6 +67,30 @@ class PipelineSpec:
     num_gpus_per_actor: float = 0.0
     batch_size: int = 8
     seed: int = 0
+    diversity_on_driver: bool = False  # see ``diversity_on_driver`` below
+
+
+# Generated pixels (images + masks) up to which the diversity stage runs in the driver's process.
+DRIVER_DIVERSITY_MAX_BYTES = 64 * 2**20
+
+
+def diversity_on_driver(mode: str, n_pairs: int, resolution: int) -> bool:
+    """Where the diversity stage (LPIPS, IC-LPIPS, mask quality per group) runs.
+
+    ``tasks``: one Ray task per (product, defect), anywhere on the cluster: the path that scales
+    out. ``driver``: in this process, reading the pair blocks from the object store. ``auto``
+    (``evaluation.diversity``'s default): the driver when the generated pixels are at most
+    ``DRIVER_DIVERSITY_MAX_BYTES`` (64 MiB: 1 000+ pairs at 128 px), else tasks. Why: a fresh
+    worker imports torch, torchvision and LPIPS before its first group (5.2 s of a 96-pair
+    evaluation's 13.1 s here, measured with ``jobs/benchmark.py eval``), while the driver has them
+    loaded and the work itself took 0.7 s. A big evaluation keeps its tasks, spread over the
+    cluster's CPUs or GPUs.
+    """
+    if mode not in ("auto", "driver", "tasks"):
+        raise ValueError(f"evaluation.diversity: unknown mode {mode!r} (auto | driver | tasks)")
+    if mode != "auto":
+        return mode == "driver"
+    return n_pairs * resolution * resolution * 4 <= DRIVER_DIVERSITY_MAX_BYTES
 
 
 @dataclass
@@ -258,8 +283,8 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
         fn_constructor_kwargs={"kind": spec.extractor, "weights_dir": spec.weights_dir,
                                "num_gpus": spec.num_gpus_per_actor, "generator": generator},
         **map_kwargs)
-    # CPUs the actors leave idle prepare the diversity stage meanwhile (imports + LPIPS model).
-    idle = 0 if spec.num_gpus_per_actor > 0 else int(
+    # CPUs the actors leave idle prepare the diversity tasks meanwhile (imports + LPIPS model).
+    idle = 0 if spec.num_gpus_per_actor > 0 or spec.diversity_on_driver else int(
         ray.available_resources().get("CPU", 0.0) - reserve - spec.num_actors * map_kwargs["num_cpus"])
     warm = ray.remote(num_cpus=1, scheduling_strategy=outside_placement_group())(warm_diversity)
     warming = [warm.remote(spec.lpips_kind, spec.weights_dir, 0.0) for _ in range(max(0, idle))]
@@ -306,11 +331,16 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     # its group. Tasks release their CPU when done, unlike a hash shuffle feeding an actor pool,
     # which deadlocked when the pool's actor and the shuffle's tasks wanted the same two CPUs.
     groups = sorted({k[1:] for k in features if k[0] == GENERATED})
-    task = ray.remote(num_cpus=1, num_gpus=spec.num_gpus_per_actor or None,
-                      scheduling_strategy=outside_placement_group())(diversity_of_group)
-    references_ref = ray.put(references)
-    diversity = ray.get([task.remote(p, d, references_ref, spec.lpips_kind, spec.weights_dir,
-                                     spec.num_gpus_per_actor, *pair_refs) for p, d in groups])
+    if spec.diversity_on_driver:  # small: here, with no worker start-up (``diversity_on_driver``)
+        blocks = ray.get(pair_refs)
+        diversity = [diversity_of_group(p, d, references, spec.lpips_kind, spec.weights_dir, 0.0, *blocks)
+                     for p, d in groups]
+    else:
+        task = ray.remote(num_cpus=1, num_gpus=spec.num_gpus_per_actor or None,
+                          scheduling_strategy=outside_placement_group())(diversity_of_group)
+        references_ref = ray.put(references)
+        diversity = ray.get([task.remote(p, d, references_ref, spec.lpips_kind, spec.weights_dir,
+                                         spec.num_gpus_per_actor, *pair_refs) for p, d in groups])
     ray.get(warming)  # done long since; surfaces a failure to build the model
     timings["diversity_s"] = time.perf_counter() - t3
     timings["pipeline_s"] = time.perf_counter() - t0

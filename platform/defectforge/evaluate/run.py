@@ -455,6 +455,7 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     from defectforge.evaluate.pipeline import (
         PipelineSpec,
         conditions_rows,
+        diversity_on_driver,
         generated_from_checkpoint,
         generated_from_path,
         run_pipeline,
@@ -512,6 +513,11 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
                         lpips_kind="standard" if ev.feature_extractor == "standard" else "randnet",
                         num_actors=ev.num_actors, num_gpus_per_actor=ev.num_gpus_per_actor,
                         batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed)
+    if checkpoint is not None:
+        n_pairs = ev.n_per_defect * sum(len(context["classes"][p]) for p in products)
+        spec.diversity_on_driver = diversity_on_driver(ev.diversity, n_pairs, resolution)
+    else:  # the folder's size is known once it is read: only an explicit choice applies
+        spec.diversity_on_driver = ev.diversity == "driver"
     if checkpoint is not None:
         classes = {p: tuple(context["classes"][p]) for p in products}
         gen_ds = generated_from_checkpoint(

@@ -459,9 +459,11 @@ def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
     method = meta.get("method")
     if not isinstance(method, str) or not method:
         raise bad("method", "is missing or not a method name")
-    known = registry.generators()
-    if method not in known:
-        raise bad("method", f"names unknown method {method!r}; known: {', '.join(sorted(known))}")
+    try:
+        registry.get(method)  # imports that method alone when it can (registry.get)
+    except KeyError:
+        raise bad("method", f"names unknown method {method!r}; known: {', '.join(sorted(registry.generators()))}") \
+            from None
     if not isinstance(meta.get("method_config"), dict):
         raise bad("method_config", "is missing or not an object")
     if meta["method_config"].get("name", method) != method:

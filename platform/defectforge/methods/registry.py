@@ -86,6 +86,18 @@ def config_classes() -> dict[str, type[MethodConfigBase]]:
 
 
 def get(name: str) -> type[Generator]:
+    """The generator class of ``name``. One name per method (``defect-gen`` lives in
+    ``methods/defect_gen.py``), so a known built-in is imported alone: loading a Crop-Paste
+    checkpoint does not import diffusers for Defect-Gen. Anything else discovers everything."""
+    if name not in _GENERATORS and not _DISCOVERED:
+        import defectforge.methods as pkg
+
+        stem = name.replace("-", "_")
+        if stem not in _SKIP and not stem.startswith("_") and any(
+                info.name == stem for info in pkgutil.iter_modules(pkg.__path__)):
+            importlib.import_module(f"{pkg.__name__}.{stem}")
+    if name in _GENERATORS:
+        return _GENERATORS[name]
     gens = generators()
     if name not in gens:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(gens))}")

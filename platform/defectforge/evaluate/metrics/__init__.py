@@ -6,38 +6,62 @@ clean-fid's ``kernel_distance``, seeded; ``inception_score``), the feature extra
 diversity (``lpips_diversity``: mean pairwise LPIPS, IC-LPIPS), mask quality (``masks``) and defect
 quality (``quality``: mask-area ratio, visibility ratios, memorisation by nearest training image).
 Metrics are named for what computed them: ``metric_name("fid", extractor)``.
+
+Why the names resolve lazily (PEP 562 ``__getattr__``): importing ``cleanfid.fid`` or ``lpips``
+imports torchvision, which imports ``torch._dynamo`` (~1.2 s here). An evaluation actor needs
+only its feature extractor; a fresh actor paid those seconds before its first batch when this
+package imported every metric eagerly.
 """
 
-from defectforge.evaluate.metrics.extractors import (
-    FeatureExtractor,
-    InceptionExtractor,
-    MissingWeightsError,
-    RandFeatExtractor,
-    make_extractor,
-    metric_name,
-    resolve_weights_dir,
-)
-from defectforge.evaluate.metrics.fid import GaussianStats, fid_from_features, fid_from_stats
-from defectforge.evaluate.metrics.inception_score import ISResult, inception_score, inception_score_from_logits
-from defectforge.evaluate.metrics.kid import kid
-from defectforge.evaluate.metrics.lpips_diversity import (
-    LpipsDistance,
-    assign_clusters,
-    build_lpips,
-    ic_lpips,
-    mean_pairwise_lpips,
-)
-from defectforge.evaluate.metrics.masks import mask_quality, mask_stats
-from defectforge.evaluate.metrics.quality import (
-    concat_stats,
-    mean_over_types,
-    nn_distance,
-    pair_stats,
-    quality_from_stats,
-    quality_metrics,
-    thumbnails,
-    visibility,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "FeatureExtractor": "defectforge.evaluate.metrics.extractors",
+    "GaussianStats": "defectforge.evaluate.metrics.fid",
+    "ISResult": "defectforge.evaluate.metrics.inception_score",
+    "InceptionExtractor": "defectforge.evaluate.metrics.extractors",
+    "LpipsDistance": "defectforge.evaluate.metrics.lpips_diversity",
+    "MissingWeightsError": "defectforge.evaluate.metrics.extractors",
+    "RandFeatExtractor": "defectforge.evaluate.metrics.extractors",
+    "assign_clusters": "defectforge.evaluate.metrics.lpips_diversity",
+    "build_lpips": "defectforge.evaluate.metrics.lpips_diversity",
+    "concat_stats": "defectforge.evaluate.metrics.quality",
+    "fid_from_features": "defectforge.evaluate.metrics.fid",
+    "fid_from_stats": "defectforge.evaluate.metrics.fid",
+    "ic_lpips": "defectforge.evaluate.metrics.lpips_diversity",
+    "inception_score": "defectforge.evaluate.metrics.inception_score",
+    "inception_score_from_logits": "defectforge.evaluate.metrics.inception_score",
+    "kid": "defectforge.evaluate.metrics.kid",
+    "make_extractor": "defectforge.evaluate.metrics.extractors",
+    "mask_quality": "defectforge.evaluate.metrics.masks",
+    "mask_stats": "defectforge.evaluate.metrics.masks",
+    "mean_over_types": "defectforge.evaluate.metrics.quality",
+    "mean_pairwise_lpips": "defectforge.evaluate.metrics.lpips_diversity",
+    "metric_name": "defectforge.evaluate.metrics.extractors",
+    "nn_distance": "defectforge.evaluate.metrics.quality",
+    "pair_stats": "defectforge.evaluate.metrics.quality",
+    "quality_from_stats": "defectforge.evaluate.metrics.quality",
+    "quality_metrics": "defectforge.evaluate.metrics.quality",
+    "resolve_weights_dir": "defectforge.evaluate.metrics.extractors",
+    "thumbnails": "defectforge.evaluate.metrics.quality",
+    "visibility": "defectforge.evaluate.metrics.quality",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value  # resolved once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "FeatureExtractor", "GaussianStats", "ISResult", "InceptionExtractor", "LpipsDistance", "MissingWeightsError",

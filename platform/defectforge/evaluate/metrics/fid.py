@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from cleanfid.fid import frechet_distance
 
 
 def _as_rows(features: Any, what: str = "features") -> np.ndarray:
@@ -129,6 +128,8 @@ def fid_from_stats(a: GaussianStats, b: GaussianStats) -> float:
     for name, s in (("first", a), ("second", b)):
         if s.count < 2:
             raise ValueError(f"FID: the {name} set has {s.count} feature rows; at least 2 are needed")
+    from cleanfid.fid import frechet_distance  # lazily: it imports torchvision (see the package doc)
+
     return float(frechet_distance(a.mean, a.cov, b.mean, b.cov))
 
 

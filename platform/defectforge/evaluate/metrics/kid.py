@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from cleanfid.fid import kernel_distance
 
 
 def kid(
@@ -52,6 +51,8 @@ def kid(
     m = min(a.shape[0], b.shape[0], max_subset_size)
     if a.shape[0] == m and b.shape[0] == m:
         num_subsets = 1  # every subset is a permutation of all rows: the value is exact and the same
+    from cleanfid.fid import kernel_distance  # lazily: it imports torchvision (see the package doc)
+
     state = np.random.get_state()
     try:
         np.random.seed(seed)
