@@ -190,6 +190,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="defect-gen")
     p.add_argument("--steps", type=int, default=12, help="timed training steps (after 3 warm-up steps)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a sweep trial gets 1)")
+    p.add_argument("--channels-last", action="store_true", help="model and batches in channels-last memory format")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
@@ -227,9 +228,16 @@ def bench_train(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.train.lr)
     batches = StepBatches(rows_to_tensors(data.rows, data.context), cfg.train.batch_size, 0, 0)
 
+    if args.channels_last:
+        gen = gen.to(memory_format=torch.channels_last)
+
     def step(i: int) -> None:
         torch.manual_seed(i)
-        loss = gen.training_step(batches(i, torch.device("cpu")), stage.name)["loss"]
+        batch = batches(i, torch.device("cpu"))
+        if args.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                     for k, v in batch.items()}
+        loss = gen.training_step(batch, stage.name)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -245,7 +253,8 @@ def bench_train(args: argparse.Namespace) -> dict:
     per_step = (time.perf_counter() - t0) / args.steps
     matmul = _matmul_rate(args.threads)
     achieved = flops / per_step / 1e9
-    figures = {"preset": args.preset, "threads": args.threads, "step_s": per_step, "gflop_per_step": flops / 1e9,
+    figures = {"preset": args.preset, "threads": args.threads, "channels_last": args.channels_last,
+               "step_s": per_step, "gflop_per_step": flops / 1e9,
                "achieved_gflops": achieved, "matmul_gflops": matmul, "fraction_of_matmul": achieved / matmul}
     print(f"[benchmark] train {args.method}/{args.preset}, batch {cfg.train.batch_size}, {args.threads} thread(s): "
           f"{per_step:.3f} s/step, {flops / 1e9:.2f} GFLOP/step -> {achieved:.1f} GFLOP/s; "
