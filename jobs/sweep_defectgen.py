@@ -1,7 +1,7 @@
 """Main job: sweep Defect-Gen's hyper-parameters with Ray Tune + Optuna, log to MLflow.
 
 With no arguments it is the README's embedded default, sized for a 2-CPU laptop: it writes the
-built-in synthetic dataset if needed, sweeps a handful of tiny-preset trials on one product,
+built-in synthetic dataset if needed, sweeps 8 laptop-preset trials on one product,
 prints the results table, the best config, where the MLflow database is and how to open the UI.
 
     python jobs/sweep_defectgen.py

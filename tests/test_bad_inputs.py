@@ -619,3 +619,12 @@ def test_a_run_root_holding_only_defectforge_folders_is_shared_and_nothing_else_
     with pytest.raises(OutputError, match="not created by defectforge"):
         claim_output(other, "run-root", resumable=True, flag="tracking.run_root")
     assert read_marker(other) is None and (other / "notes.txt").read_text() == "mine"
+    # Only a run root: an unmarked train-run folder of marked folders is refused (with --overwrite
+    # it would otherwise be deleted whole), and a run root is never claimed that way to overwrite.
+    legacy = tmp_path / "legacy-run"
+    claim_output(legacy / "inner", "run-root", resumable=True)
+    with pytest.raises(OutputError, match="not created by defectforge"):
+        claim_output(legacy, "train-run", resumable=True, overwrite=True)
+    with pytest.raises(OutputError, match="not created by defectforge"):
+        claim_output(legacy, "run-root", resumable=True, overwrite=True)
+    assert (legacy / "inner").is_dir() and read_marker(legacy) is None

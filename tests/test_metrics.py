@@ -342,3 +342,17 @@ def test_mask_quality_hand_values():
     assert q["mask_components_mean_real"] == pytest.approx(4 / 3)
     with pytest.raises(ValueError, match=r"generated masks\[1\]"):
         mask_quality([_mask([]), np.zeros(5)], real)
+
+
+def test_every_lazy_metric_name_is_the_object_its_module_defines():
+    """``evaluate.metrics`` resolves names lazily; a submodule named like a function it exports
+    would shadow it once imported (``kid`` the module instead of ``kid`` the function)."""
+    import importlib
+
+    import defectforge.evaluate.metrics as metrics
+
+    for name, module in metrics._WHERE.items():
+        importlib.import_module(module)  # binds the submodule on the package, as any import would
+        assert getattr(metrics, name) is getattr(importlib.import_module(module), name), name
+        assert not callable(getattr(metrics, name)) or not isinstance(getattr(metrics, name), type(metrics)), name
+    assert sorted(metrics._WHERE) == sorted(metrics.__all__)

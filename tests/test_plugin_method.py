@@ -164,3 +164,26 @@ def test_a_method_in_a_plugin_folder_gets_everything(ray_session, synth_root, tm
           "evaluation.seg_steps=10", "evaluation.seg_seeds=1", "data.products=[fabric]"], env)
     overall = json.loads(ev.read_text())["overall"]
     assert "kid_randfeat" in overall and "kid" not in overall, sorted(overall)
+
+
+def test_plugin_env_for_workers_is_resolved_and_leaves_a_jobs_own_keys(tmp_path, monkeypatch):
+    """Workers get the plugin folders as absolute paths, after the existing PYTHONPATH (as the
+    driver appends them to sys.path); under ``ray job submit --runtime-env-json`` with its own
+    ``env_vars`` the driver does not set those keys again (Ray refuses a conflicting merge)."""
+    import json as _json
+
+    from defectforge.cluster import plugin_runtime_env
+
+    (tmp_path / "plugins").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DEFECTFORGE_PLUGINS", "plugins")
+    monkeypatch.setenv("PYTHONPATH", "/opt/site")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    env = plugin_runtime_env()
+    assert env == {"DEFECTFORGE_PLUGINS": str(tmp_path / "plugins"),
+                   "PYTHONPATH": os.pathsep.join(["/opt/site", str(tmp_path / "plugins")])}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       _json.dumps({"runtime_env": {"env_vars": {"DEFECTFORGE_PLUGINS": "/job/plugins"}}}))
+    assert set(plugin_runtime_env()) == {"PYTHONPATH"}
+    monkeypatch.delenv("DEFECTFORGE_PLUGINS")
+    assert plugin_runtime_env() == {}

@@ -45,11 +45,30 @@ def plugin_runtime_env() -> dict[str, str]:
     ``PYTHONPATH`` (objects of a plugin's classes unpickle there). Empty without plugins."""
     from defectforge.methods.registry import PLUGINS_ENV, plugin_dirs
 
-    dirs = [str(d) for d in plugin_dirs()]
+    dirs = [str(d) for d in plugin_dirs()]  # resolved: a worker's working directory differs
     if not dirs:
         return {}
-    path = os.pathsep.join([*dirs, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
-    return {PLUGINS_ENV: os.environ[PLUGINS_ENV], "PYTHONPATH": path}
+    # After the existing entries, as the driver's registry appends them to sys.path: a plugin
+    # never shadows an installed module in one process and not in another.
+    path = os.pathsep.join([*[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p], *dirs])
+    env = {PLUGINS_ENV: os.pathsep.join(dirs), "PYTHONPATH": path}
+    # Under ``ray job submit --runtime-env-json '{"env_vars": ...}'`` Ray refuses a driver's
+    # runtime_env that sets a key the job's already sets: the job's values win there.
+    job_env = _job_env_vars()
+    return {k: v for k, v in env.items() if k not in job_env}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """``env_vars`` of the Ray job's runtime_env when this driver runs under ``ray job submit``."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def under_ray_job() -> bool:

@@ -180,7 +180,7 @@ class EvaluationConfig(_Strict):
     diversity: Literal["auto", "driver", "tasks"] = Field(
         "auto", description="where LPIPS / IC-LPIPS / mask quality run: one Ray task per (product, defect) "
                             "(scales out), the driver (no worker start-up), or auto = the driver up to 64 MiB "
-                            "of generated pixels")
+                            "of pixels generated from a checkpoint (pairs read from --generated: tasks)")
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0)
 

@@ -152,8 +152,9 @@ def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False
     * marked by defectforge and ``overwrite`` -> deleted and recreated; resumed=False;
     * ``legacy`` names a file/folder whose presence marks an unmarked folder as an output of this
       kind written by an earlier version (e.g. ``mlflow.db`` in a run root): it is marked and used;
-    * ``resumable`` and the unmarked folder holds only defectforge-marked folders (``runs/`` after
-      ``train --out runs/dg``) -> marked and used;
+    * a run root (``kind="run-root"``, resumable, no ``overwrite``) that is unmarked but holds only
+      defectforge-marked folders (``runs/`` after ``train --out runs/dg``) -> marked and used;
+      never for other kinds, so ``--overwrite`` can never delete such a folder;
     * otherwise ``OutputError`` naming the folder, what it holds and what to do.
 
     ``create=False`` runs every check (refusals, writability of the folder or of its nearest
@@ -169,7 +170,8 @@ def claim_output(out: str | os.PathLike[str], kind: str, overwrite: bool = False
             mark = {"kind": kind}
             if create:
                 _write_marker(folder, kind)
-        if mark is None and resumable and _holds_only_defectforge_outputs(folder):
+        if mark is None and kind == "run-root" and resumable and not overwrite \
+                and _holds_only_defectforge_outputs(folder):
             # e.g. ``runs/`` after ``train --out runs/dg``: the default run root of the next
             # command holds nothing but defectforge's own folders, so it may share it.
             mark = {"kind": kind}

@@ -25,8 +25,9 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--products", help="comma-separated products (default: all the checkpoint knows)")
     p.add_argument("--defects", help="comma-separated defect types (default: all)")
     p.add_argument("--keep-empty", action="store_true",
-                   help="write pairs whose mask holds no pixel of their defect after --max-attempts draws "
-                        "(default: leave them out and say how many)")
+                   help="keep every first draw, also pairs whose mask holds no pixel of their defect "
+                        "(default: redraw those up to --max-attempts times, leave out the ones still "
+                        "without and say how many)")
     p.add_argument("--max-attempts", type=int, default=4, help="draws per pair when redrawing empty masks")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--overwrite", action="store_true",
@@ -97,6 +98,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         keep = [bool(has_own_defect(r["mask"][None], [gen.context.class_id(r["product"], r["defect"])])[0])
                 for r in rows]
         rows = [r for r, k in zip(rows, keep) if k]
+        if not rows:
+            from defectforge.errors import CheckpointError
+
+            raise CheckpointError(f"{args.checkpoint}: none of the {len(keep)} pairs holds its defect after "
+                                  f"{args.max_attempts} draws (an under-trained generator?); nothing written. "
+                                  "--keep-empty writes them anyway")
         print(f"[generate] left out {len(keep) - len(rows)} pair(s) still without their defect after "
               f"{args.max_attempts} draws (--keep-empty keeps them)", flush=True)
     out, _ = claim_output(args.out, "generate", overwrite=args.overwrite)

@@ -84,7 +84,10 @@ def diversity_on_driver(mode: str, n_pairs: int, resolution: int) -> bool:
     worker imports torch, torchvision and LPIPS before its first group (5.2 s of a 96-pair
     evaluation's 13.1 s here, measured with ``jobs/benchmark.py eval``), while the driver has them
     loaded and the work itself took 0.7 s. A big evaluation keeps its tasks, spread over the
-    cluster's CPUs or GPUs.
+    cluster's CPUs or GPUs. In a sweep trial the evaluating process is the trial's evaluation task,
+    which asks Ray for no CPU (``sweep/runner.py``): the driver-side diversity of a small
+    evaluation (under a second of CPU) runs unreserved beside the trainings, like the rest of that
+    task's bookkeeping.
     """
     if mode not in ("auto", "driver", "tasks"):
         raise ValueError(f"evaluation.diversity: unknown mode {mode!r} (auto | driver | tasks)")

@@ -7,9 +7,11 @@ the shared ``base``/``registry`` and ``_private`` helpers) is imported once, and
 Methods outside the package (a user's own, or a test's): name folders in env
 ``DEFECTFORGE_PLUGINS`` (``os.pathsep``-separated). Each ``*.py`` in them is imported as a
 top-level module named by its file (the folder is appended to ``sys.path``, so the standard
-library and installed packages keep their names), and a ``<module>.yaml`` beside it is that
-method's search space. ``cluster.ensure_ray`` passes the variable and the folders to Ray workers
-(``runtime_env``), so Train workers, Tune trials and Ray Data actors see the same methods.
+library and installed packages keep their names; keep only method files there), and
+``<method_name_with_underscores>.yaml`` beside it is that method's search space (one name per
+method, as for the built-ins: ``toy-blob`` -> ``toy_blob.py``, ``toy_blob.yaml``).
+``cluster.ensure_ray`` passes the variable and the folders to Ray workers (``runtime_env``), so
+Train workers, Tune trials and Ray Data actors see the same methods.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def register(cls: type[Generator]) -> type[Generator]:
     """Class decorator: registers a Generator subclass under ``cls.config_class``'s name."""
     name = cls.method_name()
     existing = _GENERATORS.get(name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"method name {name!r} registered twice: {existing} and {cls}")
     _GENERATORS[name] = cls
     return cls

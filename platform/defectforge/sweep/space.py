@@ -229,7 +229,8 @@ def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]
 
 # ---------------------------------------------------------------------------------- loading
 def find_space_file(method: str) -> Path:
-    """``search_spaces/<method>.yaml`` next to the package, else under the working directory.
+    """``search_spaces/<method>.yaml`` next to the package, else under the working directory,
+    else in a ``DEFECTFORGE_PLUGINS`` folder.
 
     One name per method: the file is the method name with underscores for dashes
     (``defect-gen`` -> ``defect_gen.yaml``), as its module is (``methods/defect_gen.py``).

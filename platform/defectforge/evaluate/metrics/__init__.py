@@ -21,7 +21,7 @@ from typing import Any
 _WHERE = {
     "FeatureExtractor": "defectforge.evaluate.metrics.extractors",
     "GaussianStats": "defectforge.evaluate.metrics.fid",
-    "ISResult": "defectforge.evaluate.metrics.inception_score",
+    "ISResult": "defectforge.evaluate.metrics.is_score",
     "InceptionExtractor": "defectforge.evaluate.metrics.extractors",
     "LpipsDistance": "defectforge.evaluate.metrics.lpips_diversity",
     "MissingWeightsError": "defectforge.evaluate.metrics.extractors",
@@ -32,9 +32,9 @@ _WHERE = {
     "fid_from_features": "defectforge.evaluate.metrics.fid",
     "fid_from_stats": "defectforge.evaluate.metrics.fid",
     "ic_lpips": "defectforge.evaluate.metrics.lpips_diversity",
-    "inception_score": "defectforge.evaluate.metrics.inception_score",
-    "inception_score_from_logits": "defectforge.evaluate.metrics.inception_score",
-    "kid": "defectforge.evaluate.metrics.kid",
+    "inception_score": "defectforge.evaluate.metrics.is_score",
+    "inception_score_from_logits": "defectforge.evaluate.metrics.is_score",
+    "kid": "defectforge.evaluate.metrics.kid_score",
     "make_extractor": "defectforge.evaluate.metrics.extractors",
     "mask_quality": "defectforge.evaluate.metrics.masks",
     "mask_stats": "defectforge.evaluate.metrics.masks",
@@ -49,6 +49,11 @@ _WHERE = {
     "thumbnails": "defectforge.evaluate.metrics.quality",
     "visibility": "defectforge.evaluate.metrics.quality",
 }
+
+
+# No submodule shares a name with what it exports (``kid_score.py`` exports ``kid``): importing a
+# submodule binds it as an attribute of this package, which would hide a same-named function
+# from ``__getattr__``. tests/test_metrics.py checks every name resolves to what _WHERE says.
 
 
 def __getattr__(name: str) -> Any:
