@@ -71,6 +71,61 @@ def _job_env_vars() -> dict[str, str]:
         return {}
 
 
+STORAGE_ENV = "DEFECTFORGE_STORAGE_PATH"
+SHARED_FS_ENV = "DEFECTFORGE_SHARED_FS"
+
+
+def configured_storage(configured: str | None) -> str | None:
+    """The Train/Tune storage a user asked for: the config value, else env
+    ``DEFECTFORGE_STORAGE_PATH`` (set on every node by cluster.yaml), else None (a local default)."""
+    return configured or os.environ.get(STORAGE_ENV) or None
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_storage_path(storage: str, flag: str) -> None:
+    """Storage must be a filesystem path (checked before Ray starts).
+
+    Why no ``s3://`` yet: besides Ray's checkpoints, the storage holds the train-once registry's
+    markers, per-trial checkpoints that hard-link the shared weights, resume records and the
+    evaluations, all written with POSIX file operations. On a cluster the path is a shared mount
+    (AWS EFS, GCP Filestore, any NFS) at the same place on every node (cluster.yaml mounts one).
+    """
+    from defectforge.errors import ConfigError
+
+    if "://" in storage:
+        raise ConfigError(
+            f"{flag}: {storage} is a URI; defectforge's storage must be a filesystem path (its train-once "
+            "registry and per-trial checkpoints use hard links and atomic renames). On a cluster, mount shared "
+            f"storage (AWS EFS, GCP Filestore, NFS) at the same path on every node, point {flag} (or env "
+            f"{STORAGE_ENV}) at it and set {SHARED_FS_ENV}=1 (cluster.yaml does both)")
+
+
+def check_shared_storage(storage: str, flag: str) -> None:
+    """Refuse a local-only storage path on a multi-node cluster, at once and saying what to set.
+
+    Ray Train writes checkpoints from the worker's node and Tune restores from the driver's; a
+    local folder is a different folder on every node, and Ray's own check fails late (after the
+    first checkpoint) and cryptically. A path is accepted on a multi-node cluster only when
+    ``DEFECTFORGE_SHARED_FS=1`` says every node mounts it. Call after ``ensure_ray``; one node (a
+    laptop) always passes.
+    """
+    from defectforge.errors import ConfigError
+
+    if os.environ.get(SHARED_FS_ENV) == "1":
+        return
+    n = alive_nodes()
+    if n > 1:
+        raise ConfigError(
+            f"{flag}: {storage} is a local folder, but the cluster has {n} nodes and Train/Tune write "
+            f"checkpoints from every node. Mount shared storage (AWS EFS, GCP Filestore, NFS) at the same "
+            f"path on every node, point {flag} (or env {STORAGE_ENV}) at it and set {SHARED_FS_ENV}=1")
+
+
 def under_ray_job() -> bool:
     """True in a driver started by the Ray Jobs API (``ray job submit``), which injects its job config."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # the name ray.init itself looks for

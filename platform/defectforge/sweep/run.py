@@ -53,9 +53,7 @@ def check_resume(storage: str, study: str, record: dict[str, Any]) -> None:
     """Refuse to restore ``study`` with other settings than it started with, naming the first field
     that differs: Tune would restore the old trials and run the new ones with the new settings, a
     silent mix of two sweeps in one table. On a first start the record is written beside Tune's
-    folder (``<storage>/<study>.sweep.json``). Remote storage (``s3://``...) is not checked here."""
-    if "://" in storage:
-        return
+    folder (``<storage>/<study>.sweep.json``)."""
     path = Path(storage) / f"{study}.sweep.json"
     tune_dir = Path(storage) / study
     if path.is_file() and tune_dir.is_dir():
@@ -106,17 +104,19 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
         raise ConfigError(f"search space {space.source} is for method {space.method!r}, not {cfg.method.name!r}")
     name = default_name(cfg)
     run_root = Path(cfg.tracking.run_root).resolve()
-    local_storage = cfg.sweep.storage_path and "://" not in cfg.sweep.storage_path
-    storage = str(Path(cfg.sweep.storage_path).resolve() if local_storage
-                  else (cfg.sweep.storage_path or run_root / "sweeps"))
+    from defectforge.cluster import check_shared_storage, check_storage_path, configured_storage
+
+    asked = configured_storage(cfg.sweep.storage_path)  # config, else env DEFECTFORGE_STORAGE_PATH
+    if asked:
+        check_storage_path(asked, "sweep.storage_path")
+    storage = str(Path(asked).resolve() if asked else run_root / "sweeps")
     # Output policy (defectforge.paths), before MLflow, data or Ray: the run root is new, empty or
     # defectforge's, and a local storage path is writable; a GPU request has a GPU to run on.
     from defectforge.cluster import check_gpus_available
     from defectforge.paths import check_output_parent, claim_output
 
     claim_output(run_root, "run-root", resumable=True, flag="tracking.run_root", legacy=("mlflow.db", "ray"))
-    if "://" not in storage:
-        check_output_parent(storage, flag="sweep.storage_path")
+    check_output_parent(storage, flag="sweep.storage_path")
     check_gpus_available(cfg.train.scaling.use_gpu, "train.scaling.use_gpu")
     data = load_training_data(cfg)  # validates the data (and writes the synthetic set) before any trial
     from defectforge.train.runner import check_buildable
@@ -137,6 +137,7 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     experiment = tracking.experiment_name(cfg.method.name, cfg.tracking.experiment)
     uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
     ensure_ray()
+    check_shared_storage(storage, "sweep.storage_path")  # a multi-node cluster needs shared storage
     from defectforge.cluster import remove_leaked_placement_groups
 
     # A killed earlier driver's trainings may still hold CPUs in placement groups nobody uses; a

@@ -80,6 +80,28 @@ def trial_resources(cfg: ConfigBase) -> dict[str, float]:
     return {"CPU": max(train_cpu, eval_cpu), "GPU": gpu}
 
 
+def gpu_hours(cfg: ConfigBase, train_s: float, eval_s: float) -> float:
+    """GPU-hours a trial held: its Train workers' GPUs while it trained here (0 s when it reused a
+    generator) plus the evaluation actors' GPUs while it evaluated. Logged per trial (MLflow
+    metric ``gpu_hours``) so a cluster sweep's cost is read off the runs; 0 on CPU."""
+    sc = cfg.train.scaling
+    train_gpus = float(sc.resources_per_worker.get("GPU", 1)) * max(sc.num_workers, 1) if sc.use_gpu else 0.0
+    eval_gpus = cfg.evaluation.num_actors * cfg.evaluation.num_gpus_per_actor
+    return (train_gpus * train_s + eval_gpus * eval_s) / 3600.0
+
+
+# A custom resource only the trial-driver nodes of cluster.yaml declare: trial coordinators ask for
+# one when the cluster has it, so they land on those cheap CPU nodes (never on a GPU node, never on
+# the head) and the autoscaler adds driver nodes as trials queue. Absent (a laptop): not asked.
+DRIVER_RESOURCE = "trial_driver"
+
+
+def trial_driver_resources() -> dict[str, float]:
+    import ray
+
+    return {DRIVER_RESOURCE: 1.0} if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0 else {}
+
+
 def max_concurrent_trials(cfg: ConfigBase) -> int:
     """``sweep.max_concurrent``, else as many trials as the cluster holds at their peak needs
     (concurrent Ray Data pipelines that each hold every CPU would otherwise starve each other)."""
@@ -180,6 +202,7 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
                                              sampling=sampling,
                                              out=Path(spec.storage) / "eval" / f"{spec.name}-{trial_id}"))
         timing["eval_s"] = time.perf_counter() - t_eval
+        timing["gpu_hours"] = gpu_hours(cfg, timing["train_s"], timing["eval_s"])
         objectives = objective_values(summary)
         missing = [o.metric for o in spec.objectives if o.metric not in objectives]
         if missing:
@@ -190,7 +213,10 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
         log_summary_to_run(spec.uri, run_id, summary)
         import mlflow
 
-        mlflow.MlflowClient(spec.uri).log_artifacts(run_id, str(checkpoint), "generator")
+        client = mlflow.MlflowClient(spec.uri)
+        client.log_artifacts(run_id, str(checkpoint), "generator")
+        for key, value in timing.items():  # train_s, eval_s and gpu_hours (the trial's cost on a cluster)
+            client.log_metric(run_id, key, float(value))
         recorded = {"loss": result["metrics"].get("loss", float("nan")), "checkpoint_dir": str(checkpoint),
                     "mlflow_run_id": run_id, **timing}
         mlflow_runs.finish(spec.uri, run_id, trial_result=recorded)
@@ -226,7 +252,8 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     # its placement group), so it reserves a little memory and no CPU: with even 0.01 CPU per trial,
     # two trials' 1-CPU Train workers no longer fit a 2-CPU machine (2.02 > 2) and the second
     # training waited for the first (measured on the laptop main job).
-    trainable = tune.with_resources(study_trainable(spec), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
+    trainable = tune.with_resources(study_trainable(spec), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES,
+                                                            **trial_driver_resources()})
     path = str(Path(spec.storage) / spec.name)
     from defectforge.sweep import mlflow_runs
 
@@ -263,7 +290,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         row.update({k: v for k, v in (res.config or {}).items() if k in space.parameters})
         row["params"] = {k: v for k, v in (res.config or {}).items() if k in space.parameters}
         for k, v in (res.metrics or {}).items():
-            if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s") \
+            if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s", "gpu_hours") \
                     or any(k == o.metric for o in objectives):
                 row[k] = v
         row["status"] = "error" if res.error else ("done" if all(o.metric in row for o in objectives) else "stopped")

@@ -1,0 +1,89 @@
+"""cluster.yaml and the cluster-side checks (issue 18): the launcher config validates against the
+schema Ray ships, declares what the sweeps rely on, and a multi-node cluster refuses storage that
+is not shared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cluster() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(_cluster(), schema)
+
+
+def test_cluster_yaml_declares_what_the_sweeps_rely_on():
+    from defectforge.sweep.runner import DRIVER_RESOURCE
+
+    cluster = _cluster()
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "the head must run no training"
+    gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
+    assert gpu and all(t["min_workers"] == 0 for t in gpu), "GPU workers scale from zero"
+    assert all({"CPU", "GPU", "memory"} <= set(t["resources"]) for t in gpu)
+    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in gpu)
+    drivers = [t for t in types.values() if t["resources"].get(DRIVER_RESOURCE, 0) > 0]
+    assert drivers and all(t["resources"].get("GPU", 0) == 0 for t in drivers)
+    assert all(t["min_workers"] >= 1 for t in drivers), "a driver node is up when jobs start"
+    assert sum(t["max_workers"] for n, t in types.items() if n != cluster["head_node_type"]) >= cluster["max_workers"]
+    assert cluster["idle_timeout_minutes"] > 0
+    text = (ROOT / "cluster.yaml").read_text()
+    # MLflow on the head, on the private address, and the jobs find it; shared storage marked.
+    assert "mlflow server" in text and "0.0.0.0" not in text
+    assert "MLFLOW_TRACKING_URI=" in text and "DEFECTFORGE_STORAGE_PATH=" in text
+    assert "DEFECTFORGE_SHARED_FS=1" in text
+    assert '"ray[default,train,tune,data]==' in text
+
+
+def test_storage_must_be_a_path_and_shared_on_a_multi_node_cluster(monkeypatch):
+    from defectforge import cluster
+    from defectforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sweep.storage_path: s3://b/x is a URI.*DEFECTFORGE_SHARED_FS=1"):
+        cluster.check_storage_path("s3://b/x", "sweep.storage_path")
+    cluster.check_storage_path("/mnt/shared/x", "sweep.storage_path")
+    monkeypatch.delenv(cluster.SHARED_FS_ENV, raising=False)
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: 1)
+    cluster.check_shared_storage("/tmp/x", "sweep.storage_path")  # one machine: fine
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: 3)
+    with pytest.raises(ConfigError, match=r"/tmp/x is a local folder, but the cluster has 3 nodes.*"
+                                          r"DEFECTFORGE_STORAGE_PATH.*DEFECTFORGE_SHARED_FS=1"):
+        cluster.check_shared_storage("/tmp/x", "sweep.storage_path")
+    monkeypatch.setenv(cluster.SHARED_FS_ENV, "1")
+    cluster.check_shared_storage("/mnt/shared/x", "sweep.storage_path")
+
+
+def test_storage_comes_from_config_then_env(monkeypatch):
+    from defectforge.cluster import STORAGE_ENV, configured_storage
+
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    assert configured_storage(None) is None
+    monkeypatch.setenv(STORAGE_ENV, "/mnt/shared/ray")
+    assert configured_storage(None) == "/mnt/shared/ray"
+    assert configured_storage("/elsewhere") == "/elsewhere"
+
+
+def test_gpu_hours_count_the_gpus_a_trial_held():
+    from defectforge.config import resolve_config
+    from defectforge.sweep.runner import gpu_hours
+
+    cpu = resolve_config(method="defect-gen", preset="tiny")
+    assert gpu_hours(cpu, 3600.0, 3600.0) == 0.0
+    gpu = resolve_config(method="defect-gen", preset="tiny", overrides=[
+        "train.scaling.use_gpu=true", "train.scaling.num_workers=2", "evaluation.num_gpus_per_actor=0.5"])
+    # 2 Train workers x 1 GPU for 30 min + 1 actor x 0.5 GPU for 1 h
+    assert gpu_hours(gpu, 1800.0, 3600.0) == pytest.approx(1.0 + 0.5)
