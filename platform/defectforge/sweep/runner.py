@@ -217,8 +217,13 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
         client.log_artifacts(run_id, str(checkpoint), "generator")
         for key, value in timing.items():  # train_s, eval_s and gpu_hours (the trial's cost on a cluster)
             client.log_metric(run_id, key, float(value))
+        import ray
+
+        # Which node coordinated the trial (on a cluster: one of the trial-driver nodes).
+        node_id = ray.get_runtime_context().get_node_id()
+        client.set_tag(run_id, "defectforge.node_id", node_id)
         recorded = {"loss": result["metrics"].get("loss", float("nan")), "checkpoint_dir": str(checkpoint),
-                    "mlflow_run_id": run_id, **timing}
+                    "mlflow_run_id": run_id, "node_id": node_id, **timing}
         mlflow_runs.finish(spec.uri, run_id, trial_result=recorded)
     except Exception as exc:
         mlflow_runs.finish(spec.uri, run_id, error=f"{type(exc).__name__}: {exc}")
@@ -290,7 +295,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         row.update({k: v for k, v in (res.config or {}).items() if k in space.parameters})
         row["params"] = {k: v for k, v in (res.config or {}).items() if k in space.parameters}
         for k, v in (res.metrics or {}).items():
-            if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s", "gpu_hours") \
+            if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s", "gpu_hours", "node_id") \
                     or any(k == o.metric for o in objectives):
                 row[k] = v
         row["status"] = "error" if res.error else ("done" if all(o.metric in row for o in objectives) else "stopped")
