@@ -71,9 +71,9 @@ def remove_a_training_node():
         # Once both nodes train at once (or after 5 minutes), remove one that holds a Train worker.
         if ckpts and (len(training_nodes) >= 2 or time.time() - start > 300):
             for node in workers:
-                if any(a.node_id == node.unique_id for a in live):
+                if any(a.node_id == node.node_id for a in live):
                     cluster.remove_node(node)
-                    removed["node_id"] = node.unique_id
+                    removed["node_id"] = node.node_id
                     removed["after_checkpoints"] = len(ckpts)
                     return
         time.sleep(0.5)
@@ -86,7 +86,7 @@ report["removed"] = removed
 report["training_nodes"] = sorted(training_nodes)
 report["trials"] = [{k: r.get(k) for k in ("status", "node_id", "error")} for s in summary["studies"]
                     for r in s["trials"]]
-report["worker_nodes"] = [n.unique_id for n in workers]
+report["worker_nodes"] = [n.node_id for n in workers]
 print("REPORT " + json.dumps(report), flush=True)
 ray.shutdown()
 cluster.shutdown()

@@ -161,7 +161,7 @@ def test_a_method_in_a_plugin_folder_gets_everything(ray_session, synth_root, tm
     ev = tmp_path / "eval.json"
     _run([*cli, "evaluate", "--checkpoint", str(best), "--data", str(synth_root), "--no-mlflow",
           "--out", str(tmp_path / "eval"), "--summary-json", str(ev), "evaluation.n_per_defect=4",
-          "evaluation.seg_steps=10", "evaluation.seg_seeds=1", "data.products=[fabric]"], env)
+          "evaluation.segmentation=false", "data.products=[fabric]"], env)
     overall = json.loads(ev.read_text())["overall"]
     assert "kid_randfeat" in overall and "kid" not in overall, sorted(overall)
 

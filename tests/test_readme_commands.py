@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # Appended to long commands: the same code path at seconds-scale sizes.
+# (The downstream segmentation is left out: tests/test_evaluate.py and the sweep tests run it.)
 BUDGET = {
-    "train": ["train.steps=20", "train.checkpoint_every=10", "train.log_every=10"],
-    "evaluate": ["evaluation.n_per_defect=4", "evaluation.seg_steps=10", "evaluation.seg_seeds=1"],
-    "sweep": ["--trials", "2", "train.steps=10", "evaluation.n_per_defect=4", "evaluation.seg_steps=10",
-              "evaluation.seg_seeds=1", "sweep.scheduler=none"],
+    "train": ["train.steps=10", "train.checkpoint_every=5", "train.log_every=5"],
+    "evaluate": ["evaluation.n_per_defect=4", "evaluation.segmentation=false"],
+    "sweep": ["--trials", "2", "train.steps=10", "evaluation.n_per_defect=4", "evaluation.segmentation=false",
+              "sweep.scheduler=none"],
 }
 
 # Commands the README shows failing, and what their one-line error names.
