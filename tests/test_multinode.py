@@ -31,7 +31,7 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 workers = [cluster.add_node(num_cpus=1, resources={"trial_driver": 1, "accel": 1}) for _ in range(2)]
 cluster.wait_for_nodes()
 os.environ["RAY_ADDRESS"] = cluster.address
-ray.init(address=cluster.address, log_to_driver=False)
+ray.init(address=cluster.address, log_to_driver=True)  # the Train workers' lines come here
 
 from defectforge.config import resolve_config
 from defectforge.errors import ConfigError
@@ -120,4 +120,6 @@ def test_sweep_spreads_over_nodes_survives_a_lost_node_and_refuses_local_storage
     # resumed from their checkpoints on the node left (Ray Train's FailureConfig, Tune's retries).
     assert sorted(report["training_nodes"]) == sorted(report["worker_nodes"]), report
     assert {t["node_id"] for t in report["trials"]} <= set(report["worker_nodes"]) - {report["removed"]["node_id"]}
+    # ... and the training that lost its worker went on from its last checkpoint, not from step 0.
+    assert "resumed from checkpoint at stage 'diffusion'" in proc.stdout + proc.stderr, proc.stdout[-5000:]
     assert Path(tmp_path / "out" / "runs").is_dir()
