@@ -7,7 +7,7 @@ prints the results table, the best config, where the MLflow database is and how 
     python jobs/sweep_defectgen.py
     ray job submit --working-dir . -- python jobs/sweep_defectgen.py --trials 8
     python jobs/sweep_defectgen.py --data /data/mvtec --products bottle,cable --preset paper \
-        --storage-path s3://bucket/sweeps --tracking-uri http://head:5000
+        --storage-path /mnt/shared/defectforge/sweeps --tracking-uri http://head:5000
 
 Thin on purpose: argument parsing here, everything else in ``defectforge.sweep``.
 """

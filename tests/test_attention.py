@@ -74,20 +74,40 @@ def test_installed_in_a_unet_idle_is_diffusers_and_records_every_cross_attention
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
                                 attention_head_dim=4, norm_num_groups=4).eval()
     z, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 12)
-    unet.set_attn_processor(AttnProcessor())
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    cross = [k for k in unet.attn_processors if k.endswith("attn2.processor")]
     with torch.no_grad():
-        plain = unet(z, t, encoder_hidden_states=ctx).sample
+        plain = unet(z, t, encoder_hidden_states=ctx).sample  # diffusers' default (SDPA) processors
         control = AttentionControl()
-        n = install(unet, control)
-        assert n == len(unet.attn_processors) and n > 0
-        assert torch.equal(unet(z, t, encoder_hidden_states=ctx).sample, plain)  # idle: the same path
+        assert install(unet, control) == len(cross) > 0
+        after = unet.attn_processors
+        assert all(type(after[k]) is before[k] for k in after if k not in cross)  # self-attention untouched
+        assert torch.equal(unet(z, t, encoder_hidden_states=ctx).sample, plain)  # idle: the layers' own code
         control.record = True
         unet(z, t, encoder_hidden_states=ctx)
-    cross = [k for k in unet.attn_processors if k.endswith("attn2.processor")]
     assert sorted(name for name, _ in control.maps) == sorted(cross)  # each cross-attention layer once
     assert all(m.shape[0] == 2 and m.shape[-1] == 3 for _, m in control.maps)
     control.reset()
     assert not control.active and control.maps == []
+
+
+def test_a_varying_map_on_a_non_square_grid_lands_where_it_belongs_and_fits_guidance_batches():
+    """A map with a distinct value per position, at the layer's own 2 x 4 grid (row-major), and a
+    batch of one map for a layer batch of two (the two halves of classifier-free guidance)."""
+    attn = _layer()
+    x, ctx = torch.randn(2, 8, 8), torch.randn(2, 3, 6)
+    w = torch.arange(1.0, 9.0).reshape(1, 2, 4)
+    attn.set_processor(ControlledAttnProcessor(AttentionControl(weight=w, latent_hw=(4, 8))))
+    with torch.no_grad():
+        want, _ = _by_hand(attn, x, ctx, w.reshape(1, 8).repeat(2, 1))
+        torch.testing.assert_close(attn(x, encoder_hidden_states=ctx), want, rtol=1e-5, atol=1e-6)
+        attn.set_processor(ControlledAttnProcessor(AttentionControl(weight=w.transpose(1, 2).reshape(1, 2, 4),
+                                                                    latent_hw=(4, 8))))
+        assert not torch.allclose(attn(x, encoder_hidden_states=ctx), want)  # another layout, another result
+        attn.set_processor(ControlledAttnProcessor(AttentionControl(weight=w, tokens=torch.ones(4, dtype=torch.bool),
+                                                                    latent_hw=(4, 8))))
+        with pytest.raises(ValueError, match="token mask has 4 entries, the layer 3"):
+            attn(x, encoder_hidden_states=ctx)
 
 
 def test_grid_of_sequences():

@@ -39,42 +39,49 @@ def test_cluster_yaml_declares_what_the_sweeps_rely_on():
     drivers = [t for t in types.values() if t["resources"].get(DRIVER_RESOURCE, 0) > 0]
     assert drivers and all(t["resources"].get("GPU", 0) == 0 for t in drivers)
     assert all(t["min_workers"] >= 1 for t in drivers), "a driver node is up when jobs start"
-    assert sum(t["max_workers"] for n, t in types.items() if n != cluster["head_node_type"]) >= cluster["max_workers"]
+    assert all(t["max_workers"] <= cluster["max_workers"] for t in types.values())
     assert cluster["idle_timeout_minutes"] > 0
     text = (ROOT / "cluster.yaml").read_text()
     # MLflow on the head, on the private address, and the jobs find it; shared storage marked.
     assert "mlflow server" in text and "0.0.0.0" not in text
     assert "MLFLOW_TRACKING_URI=" in text and "DEFECTFORGE_STORAGE_PATH=" in text
-    assert "DEFECTFORGE_SHARED_FS=1" in text
-    assert '"ray[default,train,tune,data]==' in text
+    assert "DEFECTFORGE_SHARED_FS=/mnt/shared" in text and "DEFECTFORGE_TRIAL_RESOURCE=trial_driver" in text
+    import ray
+
+    assert f'"ray[default,train,tune,data]=={ray.__version__}"' in text, "the cluster's Ray must be the tested one"
 
 
-def test_storage_must_be_a_path_and_shared_on_a_multi_node_cluster(monkeypatch):
+def test_storage_must_be_a_path_and_on_a_shared_mount_on_a_multi_node_cluster(monkeypatch, tmp_path):
     from defectforge import cluster
     from defectforge.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="sweep.storage_path: s3://b/x is a URI.*DEFECTFORGE_SHARED_FS=1"):
+    with pytest.raises(ConfigError, match="sweep.storage_path: s3://b/x is a URI.*DEFECTFORGE_SHARED_FS"):
         cluster.check_storage_path("s3://b/x", "sweep.storage_path")
     cluster.check_storage_path("/mnt/shared/x", "sweep.storage_path")
     monkeypatch.delenv(cluster.SHARED_FS_ENV, raising=False)
     monkeypatch.setattr(cluster, "alive_nodes", lambda: 1)
-    cluster.check_shared_storage("/tmp/x", "sweep.storage_path")  # one machine: fine
+    cluster.check_shared_storage(str(tmp_path / "x"), "sweep.storage_path")  # one machine: fine
     monkeypatch.setattr(cluster, "alive_nodes", lambda: 3)
-    with pytest.raises(ConfigError, match=r"/tmp/x is a local folder, but the cluster has 3 nodes.*"
-                                          r"DEFECTFORGE_STORAGE_PATH.*DEFECTFORGE_SHARED_FS=1"):
-        cluster.check_shared_storage("/tmp/x", "sweep.storage_path")
-    monkeypatch.setenv(cluster.SHARED_FS_ENV, "1")
-    cluster.check_shared_storage("/mnt/shared/x", "sweep.storage_path")
+    with pytest.raises(ConfigError, match=r"is not on a shared mount \(DEFECTFORGE_SHARED_FS: none\), but the "
+                                          r"cluster has 3 nodes.*DEFECTFORGE_STORAGE_PATH"):
+        cluster.check_shared_storage(str(tmp_path / "x"), "sweep.storage_path")
+    shared = tmp_path / "shared"
+    monkeypatch.setenv(cluster.SHARED_FS_ENV, str(shared))
+    cluster.check_shared_storage(str(shared / "defectforge" / "ray"), "sweep.storage_path")
+    with pytest.raises(ConfigError, match="not on a shared mount"):  # a stray local path on the cluster
+        cluster.check_shared_storage(str(tmp_path / "home" / "x"), "sweep.storage_path")
 
 
-def test_storage_comes_from_config_then_env(monkeypatch):
-    from defectforge.cluster import STORAGE_ENV, configured_storage
+def test_each_run_root_gets_its_own_folder_under_a_clusters_storage_root(tmp_path):
+    """Ray Train resumes ``<storage>/<run name>`` and run names are fixed per product: two run
+    roots sharing one storage folder would resume each other's checkpoints."""
+    from defectforge.cluster import storage_for
 
-    monkeypatch.delenv(STORAGE_ENV, raising=False)
-    assert configured_storage(None) is None
-    monkeypatch.setenv(STORAGE_ENV, "/mnt/shared/ray")
-    assert configured_storage(None) == "/mnt/shared/ray"
-    assert configured_storage("/elsewhere") == "/elsewhere"
+    a = storage_for(str(tmp_path / "ray"), tmp_path / "x" / "runs", "train")
+    b = storage_for(str(tmp_path / "ray"), tmp_path / "y" / "runs", "train")
+    assert a != b and Path(a).parent == Path(b).parent == tmp_path / "ray" / "train"
+    assert a == storage_for(str(tmp_path / "ray"), tmp_path / "x" / "runs", "train")  # stable: resumable
+    assert Path(storage_for(str(tmp_path / "ray"), tmp_path / "x" / "runs", "sweeps")).parent.name == "sweeps"
 
 
 def test_gpu_hours_count_the_gpus_a_trial_held():

@@ -57,10 +57,10 @@ CLOUD = ("needs an AWS account: cluster.yaml is validated against Ray's schema i
          "and ray job submit is tested against the session's head in tests/test_sweep.py")
 NOT_HERE.update({c: CLOUD for c in (
     "ray get-auth-token --generate", "ray up cluster.yaml", "ray dashboard cluster.yaml",
-    "ray attach cluster.yaml -p 5000", "ray down cluster.yaml",
+    "ssh -i <key> -L 5000:<head private ip>:5000 ubuntu@$(ray get-head-ip cluster.yaml)", "ray down cluster.yaml",
     "RAY_AUTH_MODE=token RAY_ADDRESS=http://localhost:8265 ray job submit --working-dir . -- python "
     "jobs/sweep_defectgen.py --data /mnt/shared/data/mvtec --products bottle,cable --preset paper --run-root "
-    "/mnt/shared/defectforge/runs train.scaling.use_gpu=true")})
+    "/mnt/shared/defectforge/runs --concurrency 8 train.scaling.use_gpu=true evaluation.num_gpus_per_actor=1")})
 # The magnetic-tile reproduction loop (hours, the real dataset): a multi-line block, matched by its start.
 NOT_HERE_BLOCKS = {"D=../shared/datasets/magnetic_tile;": "needs the magnetic-tile dataset and hours"}
 

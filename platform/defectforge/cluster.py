@@ -75,10 +75,17 @@ STORAGE_ENV = "DEFECTFORGE_STORAGE_PATH"
 SHARED_FS_ENV = "DEFECTFORGE_SHARED_FS"
 
 
-def configured_storage(configured: str | None) -> str | None:
-    """The Train/Tune storage a user asked for: the config value, else env
-    ``DEFECTFORGE_STORAGE_PATH`` (set on every node by cluster.yaml), else None (a local default)."""
-    return configured or os.environ.get(STORAGE_ENV) or None
+def storage_for(root: str, owner: Path, kind: str) -> str:
+    """``<root>/<kind>/<owner name>-<hash of its path>``: the storage of one run root (``owner``)
+    under a storage root shared by every job of a cluster. Why per owner: Ray Train resumes a run
+    from ``<storage>/<run name>`` and run names are fixed per method and product, so two
+    ``--out`` folders sharing one storage folder would resume (or ``--overwrite`` would delete)
+    each other's checkpoints."""
+    import hashlib
+
+    owner = Path(owner).resolve()
+    tag = hashlib.sha1(str(owner).encode()).hexdigest()[:8]
+    return str(Path(root).expanduser().resolve() / kind / f"{owner.name}-{tag}")
 
 
 def alive_nodes() -> int:
@@ -102,28 +109,38 @@ def check_storage_path(storage: str, flag: str) -> None:
             f"{flag}: {storage} is a URI; defectforge's storage must be a filesystem path (its train-once "
             "registry and per-trial checkpoints use hard links and atomic renames). On a cluster, mount shared "
             f"storage (AWS EFS, GCP Filestore, NFS) at the same path on every node, point {flag} (or env "
-            f"{STORAGE_ENV}) at it and set {SHARED_FS_ENV}=1 (cluster.yaml does both)")
+            f"{STORAGE_ENV}) at it and name the mount in {SHARED_FS_ENV} (cluster.yaml does both)")
+
+
+def shared_mounts() -> list[Path]:
+    """The folders ``DEFECTFORGE_SHARED_FS`` names (``os.pathsep``-separated) as mounted at the
+    same path on every node of the cluster."""
+    return [Path(p).expanduser().resolve() for p in os.environ.get(SHARED_FS_ENV, "").split(os.pathsep) if p.strip()]
 
 
 def check_shared_storage(storage: str, flag: str) -> None:
-    """Refuse a local-only storage path on a multi-node cluster, at once and saying what to set.
+    """Refuse storage outside a shared mount on a multi-node cluster, at once and saying what to set.
 
     Ray Train writes checkpoints from the worker's node and Tune restores from the driver's; a
     local folder is a different folder on every node, and Ray's own check fails late (after the
-    first checkpoint) and cryptically. A path is accepted on a multi-node cluster only when
-    ``DEFECTFORGE_SHARED_FS=1`` says every node mounts it. Call after ``ensure_ray``; one node (a
-    laptop) always passes.
+    first checkpoint) and cryptically. On more than one node the storage must lie under a folder
+    named in ``DEFECTFORGE_SHARED_FS`` (cluster.yaml: ``/mnt/shared``, the EFS mount), so a stray
+    ``sweep.storage_path=/home/ubuntu/x`` is still refused there. Call after ``ensure_ray``; one
+    node (a laptop) always passes.
     """
     from defectforge.errors import ConfigError
 
-    if os.environ.get(SHARED_FS_ENV) == "1":
+    path = Path(storage).expanduser().resolve()
+    if any(path == m or m in path.parents for m in shared_mounts()):
         return
     n = alive_nodes()
     if n > 1:
+        mounts = ", ".join(str(m) for m in shared_mounts()) or "none"
         raise ConfigError(
-            f"{flag}: {storage} is a local folder, but the cluster has {n} nodes and Train/Tune write "
-            f"checkpoints from every node. Mount shared storage (AWS EFS, GCP Filestore, NFS) at the same "
-            f"path on every node, point {flag} (or env {STORAGE_ENV}) at it and set {SHARED_FS_ENV}=1")
+            f"{flag}: {storage} is not on a shared mount (DEFECTFORGE_SHARED_FS: {mounts}), but the cluster has "
+            f"{n} nodes and Train/Tune write checkpoints from every node. Mount shared storage (AWS EFS, GCP "
+            f"Filestore, NFS) at the same path on every node, name it in {SHARED_FS_ENV} and point {flag} "
+            f"(or env {STORAGE_ENV}) under it")
 
 
 def under_ray_job() -> bool:

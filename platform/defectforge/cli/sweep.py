@@ -49,7 +49,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=None, help="max concurrent trials")
     p.add_argument("--objective", help="metric or metric:mode,metric:mode (multi-objective)")
     p.add_argument("--name", help="sweep name (same name + storage resumes)")
-    p.add_argument("--storage-path", help="Tune/Train storage (shared storage on a cluster)")
+    p.add_argument("--storage-path", help="Tune/Train storage folder (on a multi-node cluster a shared mount "
+                                          "named in DEFECTFORGE_SHARED_FS; default <run-root>/sweeps)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument("--run-root", default=None, help="runs, data and mlflow.db (default: runs)")
     p.add_argument("--summary-json", help="write the sweep summary as JSON")

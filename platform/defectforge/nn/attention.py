@@ -10,10 +10,12 @@ diffusion backbone:
 
 So one processor does both: ``AttentionControl`` is the state shared by every cross-attention
 layer of a model (the weight map for the current step, which tokens it applies to, whether to
-record); ``ControlledAttnProcessor`` is diffusers' ``AttnProcessor`` (the explicit-softmax one:
-the fused SDPA kernel never materialises the probabilities) with the weight applied between the
-softmax and the product with the values. Self-attention, and every layer while the control is
-idle, runs the unmodified diffusers code path.
+record); ``ControlledAttnProcessor`` wraps the layer's own processor: while the control is idle it calls
+that processor (diffusers' fused SDPA one by default), so an installed model runs exactly as
+before; when active it computes the layer the way diffusers' ``AttnProcessor`` does (explicit
+softmax: the fused kernel never materialises the probabilities) with the weight applied between
+the softmax and the product with the values. ``install`` puts it on cross-attention layers only;
+self-attention keeps its processor.
 
 Why post-softmax multiplication as the papers write it (``A' = A * w``), not the official
 AnomalyDiffusion code's pre-softmax scaling clamped to [1, 1.5]: the issue asks for the paper's
@@ -40,13 +42,18 @@ class AttentionControl:
     * ``latent_hw``: the latent's (H, W), so 1-D token sequences (transformer blocks) map back to
       a grid when it is not square; None = square;
     * ``record``: keep every cross-attention layer's probabilities in ``maps`` as
-      (layer name, B x heads x h x w x T) tensors.
+      (layer name, B x heads x h x w x T) tensors, detached unless ``record_grad`` (a loss on the
+      maps, as DefectDiffu's mask head, needs their graph).
+
+    A weight whose batch divides the layer's (classifier-free guidance runs the conditional and
+    unconditional halves in one batch) is repeated to fit.
     """
 
     weight: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     latent_hw: tuple[int, int] | None = None
     record: bool = False
+    record_grad: bool = False
     maps: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
     @property
@@ -77,16 +84,21 @@ def grid_of(sequence: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]
 class ControlledAttnProcessor(AttnProcessor):
     """diffusers' ``AttnProcessor`` with ``control`` applied to cross-attention (see the module doc)."""
 
-    def __init__(self, control: AttentionControl, name: str = "") -> None:
+    def __init__(self, control: AttentionControl, name: str = "", original: object | None = None) -> None:
         super().__init__()
         self.control = control
         self.name = name
+        self.original = original  # the layer's processor before install (used while idle)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args, **kwargs) -> torch.Tensor:
         if encoder_hidden_states is None or not self.control.active:
+            if self.original is not None:
+                return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            raise ValueError(f"{self.name}: attention with q/k normalisation is not supported by the controlled path")
         # The body of AttnProcessor.__call__ (diffusers 0.42), with the control between the
         # softmax and the product with the values.
         residual = hidden_states
@@ -116,7 +128,8 @@ class ControlledAttnProcessor(AttnProcessor):
             probs = probs * self._weight(probs, heads, h, w)
         if self.control.record:
             b = probs.shape[0] // heads
-            self.control.maps.append((self.name, probs.reshape(b, heads, h, w, probs.shape[-1])))
+            kept = probs if self.control.record_grad else probs.detach()
+            self.control.maps.append((self.name, kept.reshape(b, heads, h, w, probs.shape[-1])))
 
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[0](hidden_states)
@@ -129,22 +142,38 @@ class ControlledAttnProcessor(AttnProcessor):
 
     def _weight(self, probs: torch.Tensor, heads: int, h: int, w: int) -> torch.Tensor:
         """The control's B x H x W map at this layer's grid, as a (B*heads, h*w, T) factor."""
-        weight = self.control.weight.to(probs.dtype)
+        weight = self.control.weight.to(probs)  # dtype and device of the layer
         b = probs.shape[0] // heads
-        if weight.shape[0] != b:
-            raise ValueError(f"attention weight has batch {weight.shape[0]}, the layer {b}")
+        if b % weight.shape[0]:
+            raise ValueError(f"{self.name}: attention weight has batch {weight.shape[0]}, the layer {b}")
+        weight = weight.repeat(b // weight.shape[0], 1, 1)  # guidance's halves share one map
         grid = F.interpolate(weight[:, None], size=(h, w), mode="bilinear", align_corners=False)
         factor = grid.reshape(b, 1, h * w, 1).expand(b, heads, h * w, 1).reshape(b * heads, h * w, 1)
         if self.control.tokens is None:
             return factor
+        if self.control.tokens.numel() != probs.shape[-1]:
+            raise ValueError(f"{self.name}: token mask has {self.control.tokens.numel()} entries, the layer "
+                             f"{probs.shape[-1]} tokens")
         tokens = self.control.tokens.to(device=probs.device, dtype=torch.bool).reshape(1, 1, -1)
         return torch.where(tokens, factor, torch.ones_like(factor))
 
 
 def install(model: torch.nn.Module, control: AttentionControl) -> int:
-    """Give every attention layer of ``model`` (a diffusers UNet / transformer) a controlled
-    processor sharing ``control``; returns how many layers got one."""
-    processors = {name: ControlledAttnProcessor(control, name) for name in model.attn_processors}
-    count = len(processors)
+    """Give every cross-attention layer (``attn2``) of ``model`` (a diffusers UNet or transformer
+    with classic attention processors) a controlled processor sharing ``control``, wrapping the
+    layer's own; self-attention keeps its processor. Returns how many layers got one."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    current = model.attn_processors
+    processors, count = {}, 0
+    for name, proc in current.items():
+        if name.endswith("attn2.processor") and isinstance(proc, (AttnProcessor, AttnProcessor2_0)) \
+                and not isinstance(proc, ControlledAttnProcessor):
+            processors[name] = ControlledAttnProcessor(control, name, original=proc)
+            count += 1
+        else:
+            processors[name] = proc
+    if count == 0:
+        raise ValueError("install: the model has no cross-attention layer with a classic diffusers processor")
     model.set_attn_processor(processors)  # (diffusers pops the entries it used)
     return count

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -104,12 +105,16 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
         raise ConfigError(f"search space {space.source} is for method {space.method!r}, not {cfg.method.name!r}")
     name = default_name(cfg)
     run_root = Path(cfg.tracking.run_root).resolve()
-    from defectforge.cluster import check_shared_storage, check_storage_path, configured_storage
+    from defectforge.cluster import STORAGE_ENV, check_shared_storage, check_storage_path, storage_for
 
-    asked = configured_storage(cfg.sweep.storage_path)  # config, else env DEFECTFORGE_STORAGE_PATH
-    if asked:
-        check_storage_path(asked, "sweep.storage_path")
-    storage = str(Path(asked).resolve() if asked else run_root / "sweeps")
+    if cfg.sweep.storage_path:  # as given: a resumed sweep names the same folder
+        check_storage_path(cfg.sweep.storage_path, "sweep.storage_path")
+        storage = str(Path(cfg.sweep.storage_path).expanduser().resolve())
+    elif os.environ.get(STORAGE_ENV):  # a cluster's storage root: one folder per run root under it
+        check_storage_path(os.environ[STORAGE_ENV], f"env {STORAGE_ENV}")
+        storage = storage_for(os.environ[STORAGE_ENV], run_root, "sweeps")
+    else:
+        storage = str(run_root / "sweeps")
     # Output policy (defectforge.paths), before MLflow, data or Ray: the run root is new, empty or
     # defectforge's, and a local storage path is writable; a GPU request has a GPU to run on.
     from defectforge.cluster import check_gpus_available

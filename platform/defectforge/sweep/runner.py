@@ -91,14 +91,23 @@ def gpu_hours(cfg: ConfigBase, train_s: float, eval_s: float) -> float:
 
 
 # A custom resource only the trial-driver nodes of cluster.yaml declare: trial coordinators ask for
-# one when the cluster has it, so they land on those cheap CPU nodes (never on a GPU node, never on
-# the head) and the autoscaler adds driver nodes as trials queue. Absent (a laptop): not asked.
+# one, so they land on those cheap CPU nodes (never on a GPU node, never on the head) and the
+# autoscaler adds driver nodes as trials queue. Asked when env DEFECTFORGE_TRIAL_RESOURCE names it
+# (cluster.yaml exports it: right after `ray up` the driver node may still be booting, and a
+# resource missing from the live cluster must still be asked for, so the autoscaler starts it),
+# or when the live cluster declares it. Neither (a laptop): not asked.
 DRIVER_RESOURCE = "trial_driver"
+DRIVER_RESOURCE_ENV = "DEFECTFORGE_TRIAL_RESOURCE"
 
 
 def trial_driver_resources() -> dict[str, float]:
+    import os
+
     import ray
 
+    name = os.environ.get(DRIVER_RESOURCE_ENV)
+    if name:
+        return {name: 1.0}
     return {DRIVER_RESOURCE: 1.0} if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0 else {}
 
 
@@ -149,6 +158,7 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
         return
     run_id = mlflow_runs.child_run(spec.uri, spec.experiment, spec.name, spec.parent_run_id, trial_id,
                                    {**params, "products": ",".join(spec.products)})
+    timing: dict[str, float] = {"train_s": 0.0}  # this trial's own training time (0 when it reuses one)
     try:
         data = load_training_data(cfg, spec.products)
         if sorted(data.context.products) != sorted(spec.products):
@@ -157,8 +167,6 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
         # Train once, sweep many: trials whose training-relevant config is equal share one Train
         # run (named by its hash); only sampling-time fields differ between them (train/reuse.py).
         train_name = reuse.run_name(spec.name, cfg)
-
-        timing = {"train_s": 0.0}  # this trial's own training time (0 when it reuses one)
 
         def train() -> dict[str, Any]:
             t_train = time.perf_counter()
@@ -226,6 +234,15 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
                     "mlflow_run_id": run_id, "node_id": node_id, **timing}
         mlflow_runs.finish(spec.uri, run_id, trial_result=recorded)
     except Exception as exc:
+        try:  # what the failed trial used so far still costs (train_s, gpu_hours)
+            import mlflow
+
+            spent = {k: float(v) for k, v in timing.items()}
+            spent["gpu_hours"] = gpu_hours(cfg, spent["train_s"], spent.get("eval_s", 0.0))
+            for key, value in spent.items():
+                mlflow.MlflowClient(spec.uri).log_metric(run_id, key, value)
+        except Exception:  # noqa: BLE001 (the trial's own error is what matters here)
+            pass
         mlflow_runs.finish(spec.uri, run_id, error=f"{type(exc).__name__}: {exc}")
         raise
     tune.report({**objectives, **recorded})

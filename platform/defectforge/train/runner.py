@@ -251,12 +251,13 @@ def train(cfg: ConfigBase, out: str | os.PathLike[str], name: str | None = None,
         safe_component(name, "run name", error=ConfigError)
     out_dir, _ = claim_output(out, "run-root", resumable=True, flag="--out", legacy=("mlflow.db", "ray"))
     out_dir = out_dir.resolve()
-    from defectforge.cluster import STORAGE_ENV, check_shared_storage, check_storage_path, configured_storage
+    from defectforge.cluster import STORAGE_ENV, check_shared_storage, check_storage_path, storage_for
 
-    asked = configured_storage(None)  # env DEFECTFORGE_STORAGE_PATH on a cluster
+    asked = os.environ.get(STORAGE_ENV)  # a cluster's storage root: one folder per --out under it
     if asked:
         check_storage_path(asked, f"env {STORAGE_ENV}")
-    storage = str(Path(asked).resolve() / "train") if asked else str(out_dir / "ray")
+    storage = storage_for(asked, out_dir, "train") if asked else str(out_dir / "ray")
+    storage_flag = f"env {STORAGE_ENV}" if asked else "Ray Train storage (<--out>/ray)"
     check_gpus_available(cfg.train.scaling.use_gpu, "train.scaling.use_gpu")
     data = load_training_data(cfg)
     check_buildable(cfg, data.context)
@@ -276,7 +277,7 @@ def train(cfg: ConfigBase, out: str | os.PathLike[str], name: str | None = None,
             verify_resume(run_dir, cfg, sub.manifest)
         planned.append((group, sub, run_name, run_dir, resumed))
     ensure_ray()
-    check_shared_storage(storage, "Ray Train storage (--out/ray)")
+    check_shared_storage(storage, storage_flag)
 
     jobs = []
     for group, sub, run_name, run_dir, resumed in planned:
