@@ -206,8 +206,9 @@ class SweepConfig(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
     trial_max_failures: int = Field(0, ge=-1, description="Tune retries of a failed trial")
     storage_path: str | None = Field(None, description="Tune/Train storage, a filesystem path: on a multi-node "
-                                     "cluster a shared mount (EFS/Filestore/NFS) with DEFECTFORGE_SHARED_FS=1; env "
-                                     "DEFECTFORGE_STORAGE_PATH when unset; default <run_root>/sweeps")
+                                     "cluster under a shared mount (EFS/Filestore/NFS) named in DEFECTFORGE_SHARED_FS; "
+                                     "unset: <DEFECTFORGE_STORAGE_PATH>/sweeps/<run root>-<hash>, else "
+                                     "<run_root>/sweeps")
     register_model: bool = Field(True, description="register the best generator with alias 'best'")
     seed: int = 0
 
