@@ -374,7 +374,7 @@ def test_per_product_sweep_killed_three_times_runs_every_trial_once_on_its_own_p
     detail = f"Train folders at each kill {history}\n{again.stdout[-5000:]}\n{again.stderr[-2000:]}"
     assert again.returncode == 0, detail
     summary = json.loads((tmp_path / "kt.json").read_text())
-    assert all(len(s["trials"]) == 2 for s in summary["studies"]), detail
+    assert all(len(s["trials"]) == 3 for s in summary["studies"]), detail
     _assert_each_trial_on_its_own_product(tmp_path, uri, "kt", summary, ["fabric", "metal"], detail)
 
 

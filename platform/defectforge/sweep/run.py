@@ -185,6 +185,10 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
                "studies": studies, "duration_s": time.perf_counter() - t0,
                "ui_command": ui_command(uri, run_root)}
     _log_parent(uri, parent_id, summary, objectives, run_root / "sweeps" / f"{name}-report")
+    # Once more at the end: a killed earlier driver's Train controller can outlive it by seconds
+    # and reserve its placement group after this sweep's start-up cleanup (seen in CI: the next
+    # job on the cluster then waited for that CPU for ever).
+    remove_leaked_placement_groups(lambda msg: print(msg, flush=True))
     if summary_json:
         Path(summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(summary_json).write_text(json.dumps(summary, indent=2, default=str))
