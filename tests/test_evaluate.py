@@ -294,3 +294,36 @@ def test_all_split_skips_segmentation_and_sees_copies_of_training_images(ray_ses
         for key in ("mask_area_ratio", "visibility_contrast_ratio", "visibility_hf_ratio"):
             assert m[key] == pytest.approx(1.0), (d, key)
         assert m["mask_empty_rate"] == 0
+
+
+def test_eval_block_caches_models_per_worker_and_keeps_the_generation_batches(tmp_path):
+    """The CPU map task of the evaluation (``actors.eval_block``): a block of several generation
+    batches gives the same pairs as one block per batch (each batch seeded by its first row); the
+    worker's extractor and generator are built once and reused; a checkpoint rewritten at the
+    same path (another SHA-256) is loaded afresh."""
+    from defectforge.evaluate import actors
+    from defectforge.methods.base import GeneratorContext, SamplingOptions, build_generator
+
+    cfg = resolve_config(method="defect-gen", preset="tiny")
+    ctx = GeneratorContext(("fabric",), {"fabric": ("hole", "scratch")}, 64)
+    ckpt = build_generator(cfg.method, ctx).save_pretrained(tmp_path / "g")
+    options = SamplingOptions(sampler="ddim", steps=2).to_json()
+    generator = {"checkpoint": str(ckpt), "seed": 3, "sampling": options, "batch_size": 2, "reject_empty": False}
+    rows = {"product": np.asarray(["fabric"] * 4), "defect": np.asarray(["hole", "scratch"] * 2),
+            "index": np.arange(4)}
+    actors._EXTRACTORS.clear(), actors._GENERATOR.clear()
+    whole = actors.eval_block(dict(rows), "randfeat", generator=generator)
+    extractor, loaded = next(iter(actors._EXTRACTORS.values())), actors._GENERATOR["worker"].gen
+    halves = [actors.eval_block({k: v[s:s + 2] for k, v in rows.items()}, "randfeat", generator=generator)
+              for s in (0, 2)]
+    assert next(iter(actors._EXTRACTORS.values())) is extractor and actors._GENERATOR["worker"].gen is loaded
+    np.testing.assert_array_equal(whole["image"], np.concatenate([h["image"] for h in halves]))
+    np.testing.assert_array_equal(whole["mask"], np.concatenate([h["mask"] for h in halves]))
+    assert list(whole["id"]) == ["00000", "00001", "00002", "00003"] and whole["features"].shape[0] == 4
+    import shutil
+
+    shutil.rmtree(ckpt)
+    build_generator(cfg.method, ctx).save_pretrained(tmp_path / "g")  # new weights, same path
+    again = actors.eval_block(dict(rows), "randfeat", generator=generator)
+    assert actors._GENERATOR["worker"].gen is not loaded
+    assert not np.array_equal(again["image"], whole["image"])

@@ -152,6 +152,10 @@ def test_lpips_from_cached_features_equals_the_models_forward(lpips_randnet):
     cached = lpips_randnet.distances(feats, i, feats, j, chunk=5)
     direct = lpips_randnet(imgs[i], imgs[j])
     np.testing.assert_allclose(cached, direct, rtol=1e-5, atol=1e-7)
+    matrix = lpips_randnet.distance_matrix(feats, feats)  # the expanded square, all pairs at once
+    np.testing.assert_allclose(matrix[i, j], direct, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.diag(matrix), 0.0, atol=1e-9)
+    np.testing.assert_allclose(matrix, matrix.T, rtol=1e-9, atol=1e-12)
     centres = _images(3, size=64, seed=12)
     brute = np.argmin(np.stack([lpips_randnet(imgs, np.broadcast_to(c, imgs.shape).copy()) for c in centres], 1), 1)
     np.testing.assert_array_equal(assign_clusters(imgs, centres, lpips_randnet), brute)
@@ -216,6 +220,24 @@ def test_ic_lpips_with_lpips_model(lpips_randnet):
     generated = np.concatenate([centres, centres])  # each centre's copies join its own cluster
     np.testing.assert_array_equal(assign_clusters(generated, centres, lpips_randnet), [0, 1, 0, 1])
     assert ic_lpips(generated, centres, lpips_randnet) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_diversity_lpips_equals_the_two_metrics(lpips_randnet):
+    """One feature pass per image gives the numbers of ``mean_pairwise_lpips`` and ``ic_lpips``,
+    with their seeded subsamples (pairs capped at 20, clusters at 3 members) taking effect."""
+    from defectforge.evaluate.metrics import diversity_lpips
+
+    images, centres = _images(12, size=32, seed=21), _images(2, size=32, seed=22)
+    pair, ic = diversity_lpips(images, centres, lpips_randnet, max_pairs=20, seed=3, max_per_cluster=3)
+    assert pair == pytest.approx(mean_pairwise_lpips(images, lpips_randnet, max_pairs=20, seed=3), rel=1e-6)
+    assert ic == pytest.approx(ic_lpips(images, centres, lpips_randnet, max_per_cluster=3, seed=3), rel=1e-6)
+    assert pair != pytest.approx(mean_pairwise_lpips(images, lpips_randnet), rel=1e-6)  # the cap was applied
+    no_centres = diversity_lpips(images, None, lpips_randnet)
+    assert no_centres[0] == pytest.approx(mean_pairwise_lpips(images, lpips_randnet), rel=1e-6)
+    assert np.isnan(no_centres[1]) and np.isnan(diversity_lpips(images[:1], centres, lpips_randnet)[0])
+    # any other distance callable: the two functions themselves
+    consts = _const_images([10, 20, 40, 90, 130, 190])
+    assert diversity_lpips(consts, _const_images([0, 100, 200]), _mean_abs_distance)[1] == pytest.approx(30.0)
 
 
 # ----------------------------------------------------------------------------------- extractors

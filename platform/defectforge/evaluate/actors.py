@@ -43,8 +43,8 @@ class EvalActor:
 
     Batches (``batch_size=None``: one input block = one batch):
 
-    * conditions rows (``product``, ``defect``, ``index``): one generation batch, seeded
-      ``seed * 1_000_003 + first index`` as in ``defectforge generate`` (``generate.sample_pairs``),
+    * conditions rows (``product``, ``defect``, ``index``): one or more generation batches of
+      ``batch_size`` rows, each seeded ``seed * 1_000_003 + its first index`` (``generate.sample_pairs``),
       so the pairs depend on the seed and the rows, not on which actor ran them; empty masks are
       redrawn. Output: the pairs (``source="generated"``) with their features.
     * pairs (``image``, ``mask``, ...; real references or decoded generated pairs): their features;
@@ -62,7 +62,7 @@ class EvalActor:
 
     def _load_generator(self, checkpoint: str, seed: int, num_gpus: float, sampling: dict[str, Any] | None = None,
                         data_root: str | None = None, split: dict[str, Any] | None = None, reject_empty: bool = True,
-                        max_attempts: int = 4) -> None:
+                        max_attempts: int = 4, batch_size: int | None = None) -> None:
         from defectforge.config import SplitConfig
         from defectforge.generate import ConditionSource
         from defectforge.methods.base import SamplingOptions, load_generator
@@ -74,6 +74,7 @@ class EvalActor:
         self.source = ConditionSource.for_generator(
             self.gen, data_root, SplitConfig.model_validate(split) if split else None, seed=seed)
         self.seed, self.reject_empty, self.max_attempts = seed, reject_empty, max_attempts
+        self.batch_size = batch_size  # generation batch; a block may hold several (None: one per block)
 
     def _generate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from defectforge.generate import GenerationPlan, sample_pairs
@@ -82,9 +83,13 @@ class EvalActor:
             raise ValueError("EvalActor got conditions rows but no generator checkpoint")
         index = np.asarray(batch["index"]).astype(np.int64)
         plan = GenerationPlan([str(p) for p in batch["product"]], [str(d) for d in batch["defect"]])
-        rows, _ = sample_pairs(self.gen, plan, self.seed * 1_000_003 + int(index[0]), batch_size=len(index),
-                               reject_empty=self.reject_empty, max_attempts=self.max_attempts, progress=False,
-                               source=self.source, options=self.options)
+        step = self.batch_size or len(index)
+        rows = []
+        for s in range(0, len(index), step):  # each generation batch seeded by its first row, as generate does
+            part = GenerationPlan(plan.product[s:s + step], plan.defect[s:s + step])
+            rows += sample_pairs(self.gen, part, self.seed * 1_000_003 + int(index[s]), batch_size=step,
+                                 reject_empty=self.reject_empty, max_attempts=self.max_attempts, progress=False,
+                                 source=self.source, options=self.options)[0]
         return {
             "image": np.stack([r["image"] for r in rows]),
             "mask": np.stack([r["mask"] for r in rows]),
@@ -106,6 +111,50 @@ class EvalActor:
         if len(images) and str(out["source"][0]) == REAL:  # pixels of real rows are not needed downstream
             out = {k: v for k, v in out.items() if k not in ("image", "mask")}
         return out
+
+
+_EXTRACTORS: dict[tuple[str, str | None, str], Any] = {}
+_GENERATOR: dict[str, Any] = {}  # one slot: {"key": ..., "worker": EvalActor}
+
+
+def eval_block(batch: dict[str, np.ndarray], kind: str, weights_dir: str | None = None, num_gpus: float = 0.0,
+               generator: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """``EvalActor.__call__`` as a Ray Data *task* whose models live in the worker process.
+
+    Why (issue 12): an actor pool's actors are fresh processes, created per evaluation and gone
+    after it; each paid ~1.4 s of ``import torch`` plus the metric stack and its models before its
+    first block, more than the whole work of a 96-pair evaluation in a warm process. Ray keeps
+    task workers alive between tasks of the same job (a sweep's trials are one job), so the
+    feature extractor is built once per worker process and the generator once per checkpoint
+    (keyed by its files' SHA-256, so a retrained checkpoint at the same path is reloaded): the
+    second and later evaluations on a cluster start at once. On GPUs the pipeline keeps the actor
+    pool, because Ray ends a GPU task's worker after each call unless told otherwise and a cached
+    model would hold GPU memory in an idle process.
+    """
+    from defectforge.evaluate.metrics import make_extractor
+    from defectforge.methods.base import read_checkpoint_meta
+
+    device = _device(num_gpus)
+    ekey = (kind, weights_dir, device)
+    if ekey not in _EXTRACTORS:
+        _EXTRACTORS[ekey] = make_extractor(kind, weights_dir, device=device)
+    worker = EvalActor.__new__(EvalActor)
+    worker.extractor, worker.gen = _EXTRACTORS[ekey], None
+    if generator is not None:
+        import json
+
+        key = json.dumps([generator, read_checkpoint_meta(generator["checkpoint"])["sha256"], device],
+                         sort_keys=True, default=str)
+        if _GENERATOR.get("key") != key:
+            _GENERATOR.clear()  # at most one generator per worker: a sweep's old trials' models go
+            loaded = EvalActor.__new__(EvalActor)
+            loaded._load_generator(num_gpus=num_gpus, **generator)
+            _GENERATOR.update(key=key, worker=loaded)
+        cached = _GENERATOR["worker"]
+        worker.gen, worker.options, worker.source = cached.gen, cached.options, cached.source
+        worker.seed, worker.reject_empty, worker.max_attempts = cached.seed, cached.reject_empty, cached.max_attempts
+        worker.batch_size = cached.batch_size
+    return worker(batch)
 
 
 def decode_refs(batch: dict[str, np.ndarray], classes: dict[str, list[str]], resolution: int) -> dict[str, np.ndarray]:
@@ -184,18 +233,28 @@ class DiversityFn:
         self.max_pairs = max_pairs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from defectforge.evaluate.metrics import ic_lpips, mask_quality, mean_pairwise_lpips, metric_name
-
         product, defect = str(batch["product"][0]), str(batch["defect"][0])
         order = np.argsort(np.asarray(batch["id"]).astype(str), kind="stable")  # independent of shuffle order
         images, masks = np.asarray(batch["image"])[order], np.asarray(batch["mask"])[order]
-        ref = self.references.get(f"{product}/{defect}", {})
-        row: dict[str, Any] = {"product": product, "defect": defect, "n": float(len(images))}
-        lp, ic = metric_name("lpips", self.lpips), metric_name("ic_lpips", self.lpips)
-        row[lp] = mean_pairwise_lpips(images, self.lpips, max_pairs=self.max_pairs) if len(images) >= 2 else np.nan
-        centres = ref.get("centres")
-        row[ic] = ic_lpips(images, centres, self.lpips) if centres is not None and len(centres) else np.nan
-        real_masks = ref.get("masks")
-        if real_masks is not None and len(real_masks):
-            row.update(mask_quality(list(masks), list(real_masks)))
+        row = diversity_row(product, defect, self.lpips, self.lpips.features(images), list(masks),
+                            self.references.get(f"{product}/{defect}", {}), self.max_pairs)
         return {k: np.asarray([v]) for k, v in row.items()}
+
+
+def diversity_row(product: str, defect: str, lpips_model: Any, feats: list[Any], masks: list[np.ndarray],
+                  ref: dict[str, Any], max_pairs: int | None = 2000) -> dict[str, Any]:
+    """The diversity / mask-quality row of one (product, defect) group, from its images' LPIPS
+    features (``LpipsDistance.features``, images in id order) and masks; ``ref``: the group's
+    ``{"centres", "masks"}`` (``DiversityFn``). One function for the task path and the driver's
+    streaming path (``pipeline.StreamingDiversity``), so both give the same row."""
+    from defectforge.evaluate.metrics import diversity_from_features, mask_quality, metric_name
+
+    row: dict[str, Any] = {"product": product, "defect": defect, "n": float(len(masks))}
+    lp, ic = metric_name("lpips", lpips_model), metric_name("ic_lpips", lpips_model)
+    centres = ref.get("centres")
+    centre_feats = lpips_model.features(np.asarray(centres)) if centres is not None and len(centres) else None
+    row[lp], row[ic] = diversity_from_features(lpips_model, feats, centre_feats, max_pairs=max_pairs)
+    real_masks = ref.get("masks")
+    if real_masks is not None and len(real_masks):
+        row.update(mask_quality(list(masks), list(real_masks)))
+    return row

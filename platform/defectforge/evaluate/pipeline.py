@@ -1,11 +1,13 @@
-"""The evaluation pipeline on Ray Data: ONE dataset, ONE pass through ONE actor pool.
+"""The evaluation pipeline on Ray Data: ONE dataset, ONE map pass.
 
 Shape of one run::
 
-    conditions blocks (product, defect, index; one block = one generation batch)
+    conditions blocks (product, defect, index; one block = a few generation batches)
       U real reference blocks (image, mask, ...; source="real")
-        | map_batches(EvalActor, ActorPoolStrategy(num_actors), batch_size=None)
-        |   generator, feature extractor loaded once per actor; generate -> features + logits
+        | CPU: map_batches(eval_block, TaskPoolStrategy(num_actors), batch_size=None)
+        |   generator, feature extractor cached per Ray worker process (reused by later evaluations)
+        | GPU: map_batches(EvalActor, ActorPoolStrategy(num_actors)): loaded once per actor
+        |   generate -> features + logits
         v   output blocks stream to the driver as object refs (iter_internal_ref_bundles)
     per output block, one small Ray task (``finish_block``): its Parquet files
         (<artifacts>/pairs/, <artifacts>/features/), the pair columns as a numpy dict in the object
@@ -16,7 +18,7 @@ Shape of one run::
 
 An existing folder (MVTec layout, as ``defectforge generate`` writes) or Parquet file of generated
 pairs replaces the conditions blocks: the folder's files are decoded by Ray tasks (``decode_refs``)
-and go through the same actors for their features.
+and go through the same map tasks for their features.
 
 Where the time went before (issue 12, profile on this 2-CPU machine): a generator pool feeding a
 feature pool, a second execution with a third pool for the real images, ``materialize`` +
@@ -31,8 +33,14 @@ any case; a shuffle only added tasks. Only feature rows travel there (D floats +
 image), never pixels: the pixels stay in the object store (``pair_refs``) and are read by the
 diversity and segmentation tasks where they run.
 
-Scaling out: the actor pool is the unit of parallelism. On a cluster, ``evaluation.num_actors``
-actors (each ``num_gpus_per_actor`` GPUs or up to one CPU) run on whichever nodes have room; the
+Then (issue 12, second round): an actor pool's actors are fresh processes that die with their
+evaluation, so every evaluation paid ``import torch`` (~1.4 s here) again; CPU map tasks run on
+Ray's reused workers, which cache their models (``actors.eval_block``), so only a cluster's first
+evaluation pays it.
+
+Scaling out: the map tasks (actors on GPUs) are the unit of parallelism. On a cluster,
+``evaluation.num_actors`` of them (each ``num_gpus_per_actor`` GPUs or up to one CPU) run on
+whichever nodes have room; the
 conditions blocks are spread over them by Ray Data's streaming executor, and blocks stay in the
 object store of the node that made them until a diversity / segmentation task on some node reads
 them. The driver's share grows with the number of images only by their feature rows.
@@ -51,7 +59,15 @@ from typing import Any
 import numpy as np
 
 from defectforge.cluster import outside_placement_group
-from defectforge.evaluate.actors import GENERATED, REAL, EvalActor, decode_refs, diversity_of_group, warm_diversity
+from defectforge.evaluate.actors import (
+    GENERATED,
+    REAL,
+    EvalActor,
+    decode_refs,
+    diversity_of_group,
+    eval_block,
+    warm_diversity,
+)
 from defectforge.evaluate.blocks import FEATURE_COLUMNS, PAIR_COLUMNS, finish_block  # noqa: F401 (re-exported)
 from defectforge.evaluate.metrics import GaussianStats
 
@@ -72,6 +88,10 @@ class PipelineSpec:
 
 # Generated pixels (images + masks) up to which the diversity stage runs in the driver's process.
 DRIVER_DIVERSITY_MAX_BYTES = 64 * 2**20
+
+
+# Blocks of conditions rows per concurrent map task (``generated_from_checkpoint``).
+BLOCKS_PER_WORKER = 4
 
 
 def diversity_on_driver(mode: str, n_pairs: int, resolution: int) -> bool:
@@ -138,15 +158,14 @@ def actor_cpus(num_actors: int, reserve: float = 1.0) -> float:
 
 
 def _map_kwargs(spec: PipelineSpec, reserve: float) -> dict[str, Any]:
+    """How the one pass maps its blocks: GPU actors, or CPU tasks on reused workers (``eval_block``)."""
     import ray
 
-    kwargs: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=spec.num_actors),
-                              "batch_format": "numpy"}
     if spec.num_gpus_per_actor > 0:
-        kwargs["num_gpus"] = spec.num_gpus_per_actor
-    else:
-        kwargs["num_cpus"] = actor_cpus(spec.num_actors, reserve)
-    return kwargs
+        return {"compute": ray.data.ActorPoolStrategy(size=spec.num_actors), "batch_format": "numpy",
+                "num_gpus": spec.num_gpus_per_actor}
+    return {"compute": ray.data.TaskPoolStrategy(size=spec.num_actors), "batch_format": "numpy",
+            "num_cpus": actor_cpus(spec.num_actors, reserve)}
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -161,18 +180,26 @@ def generated_from_checkpoint(checkpoint: str | Path, rows: list[dict[str, Any]]
                               sampling: Any = None, data_root: str | None = None,
                               split: dict[str, Any] | None = None, reject_empty: bool = True,
                               max_attempts: int = 4) -> GeneratorSource:
-    """Conditions rows in blocks of ``spec.batch_size`` (one block = one generation batch, the
-    same batches as ``defectforge generate`` and a plain loop make) and the generator's arguments.
-    ``sampling``: ``SamplingOptions`` for every batch (None = the checkpoint's recorded ones)."""
+    """Conditions rows in blocks of whole generation batches of ``spec.batch_size`` rows (the same
+    batches, seeded by their first row, as ``defectforge generate`` and a plain loop make) and the
+    generator's arguments. ``sampling``: ``SamplingOptions`` for every batch (None = the
+    checkpoint's recorded ones).
+
+    Why several batches per block: each block is one Ray Data task plus one ``finish_block`` task;
+    at 16 pairs a block's work (~40 ms here) was smaller than that overhead (issue 12: the
+    384-pair pass took 1.05 s in 24 blocks, 0.65 s in 8). ``BLOCKS_PER_WORKER`` blocks per
+    concurrent task keep the stream balanced to the end."""
     import pyarrow as pa
     import ray
 
     if not rows:
         raise ValueError("no conditions rows to generate from (no products / defect types?)")
     bs = spec.batch_size
-    tables = [pa.Table.from_pylist(rows[s:s + bs]) for s in range(0, len(rows), bs)]
+    n_batches = math.ceil(len(rows) / bs)
+    per_block = bs * max(1, n_batches // (BLOCKS_PER_WORKER * max(1, spec.num_actors)))
+    tables = [pa.Table.from_pylist(rows[s:s + per_block]) for s in range(0, len(rows), per_block)]
     return GeneratorSource(ray.data.from_arrow(tables), {
-        "checkpoint": str(checkpoint), "seed": spec.seed,
+        "checkpoint": str(checkpoint), "seed": spec.seed, "batch_size": bs,
         "sampling": sampling.to_json() if sampling is not None else None, "data_root": data_root, "split": split,
         "reject_empty": reject_empty, "max_attempts": max_attempts})
 
@@ -281,11 +308,13 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     else:  # pairs decoded by Ray tasks upstream of the actors: leave them a CPU
         inputs, generator, reserve = generated, None, 1.0
     map_kwargs = _map_kwargs(spec, reserve)
-    ds = inputs.union(real_ds).map_batches(
-        EvalActor, batch_size=None,
-        fn_constructor_kwargs={"kind": spec.extractor, "weights_dir": spec.weights_dir,
-                               "num_gpus": spec.num_gpus_per_actor, "generator": generator},
-        **map_kwargs)
+    model_args = {"kind": spec.extractor, "weights_dir": spec.weights_dir, "num_gpus": spec.num_gpus_per_actor,
+                  "generator": generator}
+    if spec.num_gpus_per_actor > 0:  # GPU: an actor pool, models loaded once per actor
+        ds = inputs.union(real_ds).map_batches(EvalActor, batch_size=None, fn_constructor_kwargs=model_args,
+                                               **map_kwargs)
+    else:  # CPU: tasks on Ray's reused workers, models cached per worker process (``eval_block``)
+        ds = inputs.union(real_ds).map_batches(eval_block, batch_size=None, fn_kwargs=model_args, **map_kwargs)
     # CPUs the actors leave idle prepare the diversity tasks meanwhile (imports + LPIPS model).
     idle = 0 if spec.num_gpus_per_actor > 0 or spec.diversity_on_driver else int(
         ray.available_resources().get("CPU", 0.0) - reserve - spec.num_actors * map_kwargs["num_cpus"])

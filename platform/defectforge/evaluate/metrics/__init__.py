@@ -29,6 +29,8 @@ _WHERE = {
     "assign_clusters": "defectforge.evaluate.metrics.lpips_diversity",
     "build_lpips": "defectforge.evaluate.metrics.lpips_diversity",
     "concat_stats": "defectforge.evaluate.metrics.quality",
+    "diversity_from_features": "defectforge.evaluate.metrics.lpips_diversity",
+    "diversity_lpips": "defectforge.evaluate.metrics.lpips_diversity",
     "fid_from_features": "defectforge.evaluate.metrics.fid",
     "fid_from_stats": "defectforge.evaluate.metrics.fid",
     "ic_lpips": "defectforge.evaluate.metrics.lpips_diversity",
@@ -70,7 +72,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "FeatureExtractor", "GaussianStats", "ISResult", "InceptionExtractor", "LpipsDistance", "MissingWeightsError",
-    "RandFeatExtractor", "assign_clusters", "build_lpips", "fid_from_features", "fid_from_stats", "ic_lpips",
+    "RandFeatExtractor", "assign_clusters", "build_lpips", "diversity_from_features", "diversity_lpips",
+    "fid_from_features", "fid_from_stats", "ic_lpips",
     "inception_score", "inception_score_from_logits", "kid", "make_extractor", "mask_quality", "mask_stats",
     "mean_pairwise_lpips", "metric_name", "resolve_weights_dir",
     "concat_stats", "mean_over_types", "nn_distance", "pair_stats", "quality_from_stats", "quality_metrics",
