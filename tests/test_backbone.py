@@ -51,8 +51,8 @@ def test_captions_never_name_a_defect_type():
     assert {MASK_CAPTION, "", "a photo of a defective tile", "a photo of fabric"} <= seen
     assert not any(d in c for c in b.captions_seen for d in DEFECTS)
     # rules by hand: good rows never become masks; with mask_fraction 1 every defective row does
-    prompts = b.pretraining_prompts(torch.tensor([0, 1, 1]), torch.tensor([0, 2, 0]), torch.tensor([False, True, False]),
-                                    torch.tensor([False, False, True]))
+    prompts = b.pretraining_prompts(torch.tensor([0, 1, 1]), torch.tensor([0, 2, 0]),
+                                    torch.tensor([False, True, False]), torch.tensor([False, False, True]))
     assert prompts == ["a photo of fabric", MASK_CAPTION, ""]
 
 
@@ -142,7 +142,8 @@ def sd_folder(tmp_path):
                   norm_num_groups=8, sample_size=32).save_pretrained(root / "vae")
     n_vocab = _tiny_clip_tokenizer(root / "tokenizer")
     CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=16)).save_pretrained(root / "text_encoder")
+                                 num_attention_heads=2, max_position_embeddings=16)
+                  ).save_pretrained(root / "text_encoder")
     return root
 
 

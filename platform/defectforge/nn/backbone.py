@@ -182,7 +182,8 @@ class Backbone(nn.Module):
         c = self.config
         f = c.latent_downsample
         if self.resolution % f:
-            raise ConfigError(f"method.backbone.latent_downsample={f} does not divide data.resolution={self.resolution}")
+            raise ConfigError(f"method.backbone.latent_downsample={f} does not divide "
+                              f"data.resolution={self.resolution}")
         size = self.resolution // f
         levels = len(c.widths)
         check_divisible(size, levels - 1, "method.backbone.widths (levels)")
