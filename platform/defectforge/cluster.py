@@ -244,7 +244,11 @@ def remove_leaked_placement_groups(log=print) -> int:
         from ray.util.state import list_actors
 
         dead_jobs = {j["JobID"] for j in ray.state.jobs() if j.get("IsDead")}
-        in_use = {a.placement_group_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=100_000)
+        # 10 000 is the state API's cap (a larger limit is refused: the cleanup never ran until
+        # 2026-11-30); more live actors than that are reported as missing output and raise (below),
+        # so a truncated list never makes a live group look unused.
+        in_use = {a.placement_group_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000,
+                                                             raise_on_missing_output=True)
                   if a.placement_group_id}
         table = placement_group_table()
     except Exception as exc:  # the state API needs the dashboard; never fail a sweep over a cleanup

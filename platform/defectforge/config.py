@@ -234,6 +234,11 @@ class MethodConfigBase(_Strict):
         """The method's part of preset ``name`` (overrides of its own fields)."""
         return {}
 
+    def trains_on_good(self) -> bool:
+        """Whether some stage needs the defect-free training images whatever ``data.train_on_good``
+        says (a backbone pretrained here learns the product from them). Default: no."""
+        return False
+
 
 class ConfigBase(_Strict):
     preset: Literal["tiny", "laptop", "paper"] = "tiny"

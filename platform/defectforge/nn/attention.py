@@ -38,7 +38,8 @@ class AttentionControl:
 
     * ``weight``: B x H x W spatial weights (any resolution: resized bilinearly to each layer's
       grid), or None for no re-weighting;
-    * ``tokens``: a bool mask over the text tokens the weight applies to (None = every token);
+    * ``tokens``: a bool mask over the text tokens the weight applies to (None = every token): T
+      entries for all samples, or B x T, one row per sample;
     * ``latent_hw``: the latent's (H, W), so 1-D token sequences (transformer blocks) map back to
       a grid when it is not square; None = square;
     * ``record``: keep every cross-attention layer's probabilities in ``maps`` as
@@ -151,10 +152,17 @@ class ControlledAttnProcessor(AttnProcessor):
         factor = grid.reshape(b, 1, h * w, 1).expand(b, heads, h * w, 1).reshape(b * heads, h * w, 1)
         if self.control.tokens is None:
             return factor
-        if self.control.tokens.numel() != probs.shape[-1]:
-            raise ValueError(f"{self.name}: token mask has {self.control.tokens.numel()} entries, the layer "
+        tokens = self.control.tokens.to(device=probs.device, dtype=torch.bool)
+        if tokens.shape[-1] != probs.shape[-1]:
+            raise ValueError(f"{self.name}: token mask has {tokens.shape[-1]} entries per row, the layer "
                              f"{probs.shape[-1]} tokens")
-        tokens = self.control.tokens.to(device=probs.device, dtype=torch.bool).reshape(1, 1, -1)
+        if tokens.dim() == 1:
+            tokens = tokens.reshape(1, 1, -1)
+        else:  # one row per sample (prompts whose slots sit at different positions)
+            if b % tokens.shape[0]:
+                raise ValueError(f"{self.name}: token mask has batch {tokens.shape[0]}, the layer {b}")
+            tokens = tokens.repeat(b // tokens.shape[0], 1)
+            tokens = tokens[:, None, None, :].expand(b, heads, 1, -1).reshape(b * heads, 1, -1)
         return torch.where(tokens, factor, torch.ones_like(factor))
 
 

@@ -98,9 +98,9 @@ class BackboneConfig(_Strict):
 #: ``method.backbone`` per preset (methods nest these in their own presets).
 BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"latent_downsample": 2, "widths": (16, 32), "norm_num_groups": 8, "attention_resolution": 16,
-             "attention_head_dim": 8, "text_dim": 32, "text_layers": 1, "text_heads": 2, "max_tokens": 32},
+             "attention_head_dim": 8, "text_dim": 32, "text_layers": 1, "text_heads": 2, "max_tokens": 48},
     "laptop": {"latent_downsample": 2, "widths": (64, 128, 128), "norm_num_groups": 32, "attention_resolution": 16,
-               "attention_head_dim": 8, "text_dim": 128, "text_layers": 2, "text_heads": 4, "max_tokens": 48},
+               "attention_head_dim": 8, "text_dim": 128, "text_layers": 2, "text_heads": 4, "max_tokens": 64},
     "paper": {"latent_downsample": 4, "widths": (128, 256, 256, 512), "norm_num_groups": 32,
               "attention_resolution": 32, "attention_head_dim": 8, "text_dim": 256, "text_layers": 4, "text_heads": 8,
               "max_tokens": 64},
@@ -316,15 +316,36 @@ class Backbone(nn.Module):
                              return_tensors="pt").input_ids
         return ids.to(self.device)
 
-    def token_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """B x L x D rows of the text encoder's token-embedding table for ``prompts`` (to edit and
-        pass back to ``encode_text``: textual inversion's splice point)."""
-        return self.text_encoder.get_input_embeddings()(self.tokenize(prompts))
+    def slot_ids(self, prefixes: list[str], n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of ``prefix`` followed by ``n_slots`` placeholder tokens (then the tokenizer's
+        end token and padding), and a bool mask of the slots: where a method's learned vectors go
+        (``splice``). Built at the id level, so the slots are exactly ``n_slots`` tokens whatever
+        the tokenizer (bytes or CLIP's BPE)."""
+        tok = self.tokenizer
+        [star] = tok("*", add_special_tokens=False).input_ids
+        rows, slots = [], []
+        for prefix in prefixes:
+            body = tok(prefix, add_special_tokens=False).input_ids
+            ids = tok.build_inputs_with_special_tokens(body + [star] * n_slots)
+            if len(ids) > self.max_tokens:
+                raise ValueError(f"prompt {prefix!r} + {n_slots} slots needs {len(ids)} tokens; the text encoder "
+                                 f"takes {self.max_tokens} (method.backbone.max_tokens)")
+            start = len(ids) - 1 - n_slots  # the slots end just before the end token
+            if ids[start:start + n_slots] != [star] * n_slots:
+                raise ValueError(f"{type(tok).__name__}: cannot place {n_slots} slots after {prefix!r}")
+            where = [start <= j < start + n_slots for j in range(len(ids))]
+            pad = self.max_tokens - len(ids)
+            rows.append(ids + [tok.pad_token_id] * pad)
+            slots.append(where + [False] * pad)
+        return (torch.tensor(rows, device=self.device), torch.tensor(slots, device=self.device))
 
-    def encode_text(self, prompts: list[str], token_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """B x L x D text states for the UNet's cross-attention; ``token_embeds`` replace the token
-        embeddings of ``prompts`` (same shape as ``token_embeddings(prompts)``)."""
-        ids = self.tokenize(prompts)
+    def splice(self, ids: torch.Tensor, slots: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of ``ids`` with ``vectors`` (B x n_slots x D, in order) at ``slots``."""
+        rows = self.text_encoder.get_input_embeddings()(ids)
+        return rows.masked_scatter(slots.unsqueeze(-1), vectors.to(rows.dtype))
+
+    def encode_ids(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``encode_text`` for token ids (e.g. from ``slot_ids``)."""
         table = self.text_encoder.get_input_embeddings()
         handle = None
         if token_embeds is not None:
@@ -337,6 +358,16 @@ class Backbone(nn.Module):
         finally:
             if handle is not None:
                 handle.remove()
+
+    def token_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """B x L x D rows of the text encoder's token-embedding table for ``prompts`` (to edit and
+        pass back to ``encode_text``: textual inversion's splice point)."""
+        return self.text_encoder.get_input_embeddings()(self.tokenize(prompts))
+
+    def encode_text(self, prompts: list[str], token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """B x L x D text states for the UNet's cross-attention; ``token_embeds`` replace the token
+        embeddings of ``prompts`` (same shape as ``token_embeddings(prompts)``)."""
+        return self.encode_ids(self.tokenize(prompts), token_embeds)
 
     # ------------------------------------------------------------------------------ denoising
     @property

@@ -57,7 +57,8 @@ def load_training_data(cfg: ConfigBase, products: list[str] | None = None) -> Tr
     """Scan, split (logged manifest) and load the few-shot training rows of ``products``.
 
     Only the *train* side of the split is loaded: the generator never sees test images.
-    Defective images always; defect-free ones too when ``data.train_on_good``.
+    Defective images always; defect-free ones too when ``data.train_on_good`` or the method needs
+    them (``MethodConfigBase.trains_on_good``: a backbone pretrained here).
     """
     from defectforge.data.mvtec import DataError, load_rows, scan_dataset
     from defectforge.data.splits import make_split
@@ -66,7 +67,8 @@ def load_training_data(cfg: ConfigBase, products: list[str] | None = None) -> Tr
     wanted = products or cfg.data.products
     index = scan_dataset(root, wanted)
     manifest = make_split(index, cfg.data.split)
-    refs = [r for r in manifest.train if r.defect != "good" or cfg.data.train_on_good]
+    good = cfg.data.train_on_good or cfg.method.trains_on_good()  # a backbone pretrained here needs them
+    refs = [r for r in manifest.train if r.defect != "good" or good]
     if not any(r.defect != "good" for r in refs):
         raise DataError(f"{root}: the {cfg.data.split.protocol} split left no defective training images")
     # data.on_bad_sample=error: one error listing every bad sample; skip: leave them out, say which.
