@@ -77,3 +77,51 @@ def test_four_trials_two_differing_only_in_u_train_three_generators(ray_session,
     assert times[reuser.data.tags["defectforge.trial_id"]]["train_s"] == 0.0
     assert times[trainer.data.tags["defectforge.trial_id"]]["train_s"] > 0
     assert all(t["eval_s"] > 0 for t in study["trials"])
+
+
+@pytest.mark.slow
+def test_a_backbone_is_pretrained_once_per_study_and_trials_start_from_it(ray_session, synth_root, tmp_path):
+    """Issue 14, acceptance 5: a 2-trial AnomalyDiffusion sweep whose trials differ in the method's
+    own fields trains the backbone stage once (one pretraining run in MLflow, both trials name its
+    directory and train only their own stages from it); a second sweep of the same name and storage
+    (a restore) does not pretrain again."""
+    from defectforge.sweep.run import sweep
+
+    space = tmp_path.with_name(tmp_path.name + "-spaces") / "space.yaml"
+    space.parent.mkdir(exist_ok=True)
+    space.write_text("method: anomaly-diffusion\nparameters:\n"
+                     "  method.k: {type: categorical, choices: [1, 2]}\n"
+                     "points_to_evaluate:\n  - {method.k: 1}\n  - {method.k: 2}\n")
+    overrides = [f"data.path={synth_root}", "data.products=[fabric]", f"tracking.run_root={tmp_path}",
+                 f"sweep.space={space}", "sweep.num_trials=2", "sweep.name=pre", "sweep.scheduler=none",
+                 "sweep.max_concurrent=2", "sweep.objective=kid_randfeat:min", "sweep.register_model=false",
+                 "method.backbone_steps=3", *TINY]
+    cfg = resolve_config(method="anomaly-diffusion", preset="tiny", overrides=overrides)
+    summary = sweep(cfg)
+    [study] = summary["studies"]
+    assert [t["status"] for t in study["trials"]] == ["done"] * 2
+
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    exp = client.get_experiment_by_name("defectforge/anomaly-diffusion")
+    pre = client.search_runs([exp.experiment_id], "tags.`defectforge.kind` = 'pretraining'")
+    assert len(pre) == 1 and pre[0].info.status == "FINISHED"
+    name = pre[0].data.tags["defectforge.pretraining"]
+    trials = client.search_runs([exp.experiment_id], "tags.`defectforge.kind` = 'trial'")
+    assert len(trials) == 2 and {r.data.tags["defectforge.pretraining"] for r in trials} == {name}
+    assert len({r.data.tags["defectforge.train_key"] for r in trials}) == 2  # k differs: two trainings
+    once = Path(summary["storage"]) / "train-once"
+    assert sorted(p.name for p in once.iterdir() if p.is_dir() and "-pre-" in p.name) == [name]
+    pretrained = json.loads((once / name / "TRAINED.json").read_text())["checkpoint"]
+    for row in study["trials"]:
+        meta = json.loads((Path(row["checkpoint_dir"]) / "config.json").read_text())
+        train_cfg = meta["provenance"]["config"]["train"]
+        assert train_cfg["stages"] == ["anomaly", "mask"] and train_cfg["init_modules"] == ["backbone"]
+        assert train_cfg["init_from"] == str(Path(pretrained) / "generator")
+        assert set(meta["modules"]) == {"backbone", "anomaly", "mask_embedding"}  # self-contained
+
+    # A third trial in a new study on the same storage and data would pretrain again (the study
+    # is part of the name); within the study, a trial started after the pretraining (here: the
+    # pretraining's done marker is what any later or restored trial finds) reuses it.
+    from defectforge.train import reuse
+
+    assert reuse.read_done(once / name)["trained_by"] in {t["trial_id"] for t in study["trials"]}

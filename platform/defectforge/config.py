@@ -145,6 +145,9 @@ class TrainConfig(_Strict):
                                                          "the others come from train.init_from")
     init_from: str | None = Field(None, description="generator checkpoint whose saved modules initialise the model "
                                                     "before training (e.g. a pretrained backbone stage)")
+    init_modules: list[str] | None = Field(None, description="only these modules come from train.init_from (null = "
+                                                             "every module it saved), e.g. [backbone] from a "
+                                                             "pretraining run whose other modules have other sizes")
     scaling: ScalingSection = ScalingSection()
 
 
@@ -233,6 +236,16 @@ class MethodConfigBase(_Strict):
     def preset(cls, name: str) -> dict[str, Any]:
         """The method's part of preset ``name`` (overrides of its own fields)."""
         return {}
+
+    def pretraining(self) -> dict[str, Any] | None:
+        """The stage a sweep trains once per study and every trial starts from, or None.
+
+        ``{"stage": name, "fields": method fields it depends on, "modules": what it trains}``: a
+        sweep trains that stage alone (keyed by the data, ``train`` and only these method fields,
+        so trials that differ elsewhere share it), then each trial trains the other stages with
+        ``train.init_from`` = that run and ``train.init_modules`` = ``modules`` (sweep/runner.py).
+        Default: none (every trial trains all its stages)."""
+        return None
 
     def trains_on_good(self) -> bool:
         """Whether some stage needs the defect-free training images whatever ``data.train_on_good``

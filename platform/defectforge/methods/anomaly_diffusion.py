@@ -78,6 +78,11 @@ class AnomalyDiffusionConfig(MethodConfigBase):
     anomaly_steps: int | None = Field(None, ge=1, description="stage anomaly's steps (null = train.steps)")
     mask_steps: int | None = Field(None, ge=1, description="stage mask's steps (null = train.steps)")
 
+    def pretraining(self) -> dict[str, Any] | None:
+        if self.backbone.path is not None:
+            return None  # a folder's backbone is frozen; a copied one is already trained
+        return {"stage": "backbone", "fields": ["backbone", "backbone_steps", "backbone_lr"], "modules": ["backbone"]}
+
     def trains_on_good(self) -> bool:
         return self.backbone.path is None  # the backbone pretrains on defect-free and defective images
 
@@ -170,18 +175,19 @@ class AnomalyDiffusion(Generator):
         table = self.backbone.text_encoder.get_input_embeddings()
         dim = int(table.weight.shape[1])
         with torch.no_grad():  # start every learned vector at the word "defect"'s mean token row
-            init = table(self.backbone.tokenize(["defect"]))[0]
             ids = self.backbone.tokenize(["defect"])[0]
-            keep = ids != self.backbone.tokenizer.pad_token_id
-            init = init[keep].mean(0)
+            keep = (ids != self.backbone.tokenizer.pad_token_id).float().unsqueeze(1)
+            init = (table(ids) * keep).sum(0) / keep.sum()  # (no boolean indexing: builds on the meta device)
         g = torch.Generator().manual_seed(0)
         jitter = 0.01 * init.norm() / dim**0.5
+
+        def near_init(rows: int) -> nn.Parameter:
+            return nn.Parameter(init + jitter * torch.randn(rows, dim, generator=g, device="cpu").to(init.device))
+
         self.anomaly = nn.ModuleDict({
-            "embeddings": nn.ParameterList([nn.Parameter(init + jitter * torch.randn(config.k, dim, generator=g))
-                                            for _ in self.types]),
+            "embeddings": nn.ParameterList([near_init(config.k) for _ in self.types]),
             "encoder": SpatialEncoder(tuple(config.encoder_widths), dim, config.n, init)})
-        self.mask_embedding = nn.ParameterList(
-            [nn.Parameter(init + jitter * torch.randn(config.k_mask, dim, generator=g)) for _ in self.types])
+        self.mask_embedding = nn.ParameterList([near_init(config.k_mask) for _ in self.types])
 
     # ----------------------------------------------------------------------------- training
     def trainable_modules(self) -> dict[str, nn.Module]:

@@ -522,7 +522,8 @@ def checkpoint_sampling(meta: dict[str, Any]) -> SamplingOptions:
     return SamplingOptions(method={k: v for k, v in meta["method_config"].items() if k in fields})
 
 
-def select_stages(gen: Generator, wanted: list[str] | None, init_from: str | None) -> list[Stage]:
+def select_stages(gen: Generator, wanted: list[str] | None, init_from: str | None,
+                  init_modules: list[str] | None = None) -> list[Stage]:
     """The stages a run trains (``train.stages``; None = all, in the method's order), after checking
     that every module of a skipped stage comes from ``init_from`` (``train.init_from``), a
     checkpoint of the same method. ``ConfigError`` naming the field otherwise."""
@@ -542,7 +543,7 @@ def select_stages(gen: Generator, wanted: list[str] | None, init_from: str | Non
         if meta["method"] != gen.method_name():
             raise ConfigError(f"train.init_from: {init_from} is a {meta['method']} checkpoint, not "
                               f"{gen.method_name()}")
-        have = set(meta["modules"])
+        have = set(meta["modules"]) if init_modules is None else set(meta["modules"]) & set(init_modules)
     else:
         have = set()
     missing = sorted({m for s in skipped for m in s.modules} - have)

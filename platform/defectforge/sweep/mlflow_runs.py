@@ -53,6 +53,17 @@ def child_run(uri: str, experiment: str, sweep_name: str, parent_id: str, trial_
     return run_id
 
 
+def pretraining_run(uri: str, experiment: str, sweep_name: str, parent_id: str, name: str,
+                    params: dict[str, Any]) -> str:
+    """The one MLflow run of a study's pretraining (``defectforge.kind`` = pretraining), under the
+    parent, found again by its name when a restored sweep trains it after a crash."""
+    run_id, _ = tracking.reopen_or_create_run(
+        uri, experiment, f"tags.`{SWEEP_TAG}` = '{sweep_name}' and tags.`defectforge.pretraining` = '{name}'",
+        name, {PARENT_TAG: parent_id, SWEEP_TAG: sweep_name, "defectforge.kind": "pretraining",
+               "defectforge.pretraining": name}, params)
+    return run_id
+
+
 def finish(uri: str, run_id: str, error: str | None = None, trial_result: dict[str, Any] | None = None) -> None:
     """End a run FINISHED (or FAILED with ``error`` as a tag). ``trial_result`` (what a trial
     reports to Tune besides the objectives) is kept as a tag so that ``finished_trial`` can

@@ -31,7 +31,7 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from defectforge.cluster import outside_placement_group
-from defectforge.config import ConfigBase, config_from_dict
+from defectforge.config import ConfigBase, config_from_dict, deep_merge
 from defectforge.sweep.objectives import Objective, objective_values
 from defectforge.train import reuse
 
@@ -124,6 +124,49 @@ def max_concurrent_trials(cfg: ConfigBase) -> int:
     return max(1, min(fits) if fits else 1)
 
 
+def _pretrained_once(cfg: Any, spec: StudySpec, data: Any, trial_id: str, run_id: str,
+                     pre: dict[str, Any]) -> Any:
+    """Train the method's pretraining stage once per study (``MethodConfigBase.pretraining``) and
+    return the trial's config training the other stages from it.
+
+    The pretraining run is keyed by the data, ``train`` and only the method fields it depends on
+    (``reuse.training_key(..., method_fields)``), so trials that differ in anything else share
+    it; the same registry + done marker as every train-once run make concurrent trials wait for
+    one another and a restored sweep find it done. It logs to one MLflow run of its own
+    (``defectforge.kind`` = pretraining); each trial's run names it (tag ``defectforge.pretraining``)."""
+    from defectforge.methods import registry
+    from defectforge.sweep import mlflow_runs
+    from defectforge.train.runner import fit_generator
+
+    stage = pre["stage"]
+    pre_cfg = config_from_dict(deep_merge(cfg.to_dict(), {"train": {"stages": [stage], "init_from": None}}))
+    key = reuse.training_key(pre_cfg, method_fields=list(pre["fields"]))
+    name = f"{spec.name}-pre-{stage}-{key[:12]}"
+
+    def train() -> dict[str, Any]:
+        pre_run = mlflow_runs.pretraining_run(spec.uri, spec.experiment, spec.name, spec.parent_run_id, name,
+                                              {"stage": stage, "trained_by_trial": trial_id})
+        result = fit_generator(pre_cfg.to_dict(), data.context.to_json(), data.rows, name,
+                               str(Path(spec.storage) / "train"), {"uri": spec.uri, "run_id": pre_run})
+        mlflow_runs.finish(spec.uri, pre_run, error=result["error"])
+        if result["error"]:
+            raise RuntimeError(f"pretraining ({stage}) failed: {result['error']}")
+        return {"checkpoint": str(result["checkpoint"]), "loss": result["metrics"].get("loss", float("nan")),
+                "trained_by": trial_id, "mlflow_run": pre_run}
+
+    record, _ = reuse.train_once(reuse.registry_handle(spec.name), key, trial_id,
+                                 Path(spec.storage) / "train-once" / name, train,
+                                 log=lambda msg: print(f"[sweep] {msg}", flush=True))
+    import mlflow
+
+    mlflow.MlflowClient(spec.uri).set_tag(run_id, "defectforge.pretraining", name)
+    gen = registry.get(cfg.method.name)(cfg.method, data.context)
+    rest = [s.name for s in gen.stages() if s.name != stage]
+    return config_from_dict(deep_merge(cfg.to_dict(), {"train": {
+        "stages": rest, "init_from": str(Path(record["checkpoint"]) / "generator"),
+        "init_modules": list(pre["modules"])}}))
+
+
 def _trial(config: dict[str, Any], spec: StudySpec) -> None:
     """One Tune trial: train (Ray Train, reports forwarded), evaluate, report the objective(s)."""
     from ray import tune
@@ -164,6 +207,9 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
         if sorted(data.context.products) != sorted(spec.products):
             raise RuntimeError(f"trial {trial_id} of study {spec.name!r} loaded products "
                                f"{list(data.context.products)}, not its study's {spec.products}")
+        pre = cfg.method.pretraining() if cfg.train.init_from is None else None
+        if pre is not None:  # e.g. the shared backbone: trained once per study, every trial starts from it
+            cfg = _pretrained_once(cfg, spec, data, trial_id, run_id, pre)
         # Train once, sweep many: trials whose training-relevant config is equal share one Train
         # run (named by its hash); only sampling-time fields differ between them (train/reuse.py).
         train_name = reuse.run_name(spec.name, cfg)

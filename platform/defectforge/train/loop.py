@@ -28,6 +28,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from defectforge.config import config_from_dict
+from defectforge.errors import ConfigError
 from defectforge.methods.base import (
     Generator,
     GeneratorContext,
@@ -143,7 +144,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "training_rows_sha256": rows_digest(loop_config["rows"]), "run_name": label,
         "mlflow_run_id": (loop_config.get("mlflow") or {}).get("run_id")}
     gen.prepare_from_data(loop_config["rows"])  # every row on every rank: model-free methods need all
-    stages = select_stages(gen, tc.stages, tc.init_from)  # train.stages; the rest from train.init_from
+    stages = select_stages(gen, tc.stages, tc.init_from, tc.init_modules)  # the rest from train.init_from
     stage_steps = [s.steps or tc.steps for s in stages]
 
     start_stage, start_step, global_step, resume_state = 0, 0, 0, None
@@ -154,9 +155,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is None and tc.init_from is not None:
         # A fresh run starts from the checkpoint's modules (a resumed one has them in its state).
         init_meta = read_checkpoint_meta(tc.init_from)
-        gen.load_modules(tc.init_from, init_meta["sha256"], names=list(init_meta["modules"]))
+        names = list(init_meta["modules"]) if tc.init_modules is None else list(tc.init_modules)
+        absent = [n for n in names if n not in init_meta["modules"]]
+        if absent:
+            raise ConfigError(f"train.init_modules: {tc.init_from} has no module {absent[0]!r}; it saved "
+                              f"{', '.join(init_meta['modules']) or 'none'}")
+        gen.load_modules(tc.init_from, init_meta["sha256"], names=names)
         if rank == 0:
-            print(f"[{label}] initialised {', '.join(init_meta['modules'])} from {tc.init_from}", flush=True)
+            print(f"[{label}] initialised {', '.join(names)} from {tc.init_from}", flush=True)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume_state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)

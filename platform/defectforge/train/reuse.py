@@ -43,17 +43,21 @@ HEARTBEAT_S = 5.0
 LEASE_S = 60.0  # a claim without a heartbeat for this long is abandoned
 
 
-def training_fields(cfg: ConfigBase) -> dict[str, Any]:
-    """The part of ``cfg`` that determines the trained weights (see the module docstring)."""
+def training_fields(cfg: ConfigBase, method_fields: list[str] | None = None) -> dict[str, Any]:
+    """The part of ``cfg`` that determines the trained weights (see the module docstring).
+
+    ``method_fields``: only these method fields (and the name) count, for a run that trains one
+    stage depending on them alone (a pretraining, ``MethodConfigBase.pretraining``)."""
     full = cfg.to_dict()
-    method = {k: v for k, v in full["method"].items() if k not in sampling_time_fields(type(cfg.method))}
+    method = {k: v for k, v in full["method"].items() if k not in sampling_time_fields(type(cfg.method))
+              and (method_fields is None or k in method_fields or k == "name")}
     train = {k: v for k, v in full["train"].items() if k not in BOOKKEEPING_TRAIN_FIELDS}
     return {"data": full["data"], "method": method, "train": train}
 
 
-def training_key(cfg: ConfigBase) -> str:
+def training_key(cfg: ConfigBase, method_fields: list[str] | None = None) -> str:
     """sha256 (hex) of :func:`training_fields` as canonical JSON: equal keys, equal weights."""
-    blob = json.dumps(training_fields(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    blob = json.dumps(training_fields(cfg, method_fields), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -116,7 +116,7 @@ def check_buildable(cfg: ConfigBase, context: GeneratorContext) -> None:
             probe = build_generator(cfg.method, context)
     except (ValueError, KeyError, TypeError, ValidationError) as exc:
         raise ConfigError(f"method {cfg.method.name} cannot be built with this config: {exc}") from None
-    select_stages(probe, cfg.train.stages, cfg.train.init_from)
+    select_stages(probe, cfg.train.stages, cfg.train.init_from, cfg.train.init_modules)
 
 
 def default_name(cfg: ConfigBase, products: list[str]) -> str:
