@@ -525,8 +525,9 @@ def checkpoint_sampling(meta: dict[str, Any]) -> SamplingOptions:
 def select_stages(gen: Generator, wanted: list[str] | None, init_from: str | None,
                   init_modules: list[str] | None = None) -> list[Stage]:
     """The stages a run trains (``train.stages``; None = all, in the method's order), after checking
-    that every module of a skipped stage comes from ``init_from`` (``train.init_from``), a
-    checkpoint of the same method. ``ConfigError`` naming the field otherwise."""
+    that every module of a stage skipped before a trained one comes from ``init_from``
+    (``train.init_from``), a checkpoint of the same method. ``ConfigError`` naming the field
+    otherwise. Stages after the last trained one may be skipped (trained by a later run)."""
     from defectforge.errors import ConfigError
 
     stages = gen.stages()
@@ -537,7 +538,11 @@ def select_stages(gen: Generator, wanted: list[str] | None, init_from: str | Non
             raise ConfigError(f"train.stages: {gen.method_name()} has no stage {unknown[0]!r}; its stages: "
                               f"{', '.join(known) or 'none'}")
     chosen = [s for s in stages if wanted is None or s.name in wanted]
-    skipped = [s for s in stages if s not in chosen]
+    # Stages skipped before a chosen one must be done already (a chosen stage builds on them);
+    # skipped trailing stages are simply not trained yet (e.g. a sweep's pretraining run, which
+    # trains only the first stage and leaves the rest to the trials).
+    last = max((stages.index(s) for s in chosen), default=-1)
+    skipped = [s for s in stages[:last] if s not in chosen]
     if init_from is not None:
         meta = read_checkpoint_meta(init_from)
         if meta["method"] != gen.method_name():
