@@ -51,19 +51,21 @@ def test_only_the_stages_modules_get_gradients(stage):
     assert all(p.grad is None for p in gen.backbone.parameters())
 
 
-def test_anomaly_loss_has_no_gradient_outside_the_max_pooled_mask(monkeypatch):
-    """Acceptance 1: d loss / d eps_hat is zero outside the latent (max-pooled) mask, nonzero inside."""
-    gen = _gen()
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_anomaly_loss_has_no_gradient_outside_the_max_pooled_mask(monkeypatch, prediction):
+    """Acceptance 1: d loss / d prediction (the predicted noise for an epsilon backbone) is zero
+    outside the latent (max-pooled) mask, nonzero inside."""
+    gen = _gen(f"method.backbone.prediction_type={prediction}")
     seen = []
-    original = gen.backbone.to_eps
+    original = gen.backbone.denoise
 
-    def spy(*args):
-        out = original(*args)
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
         out.retain_grad()
         seen.append(out)
         return out
 
-    monkeypatch.setattr(gen.backbone, "to_eps", spy)
+    monkeypatch.setattr(gen.backbone, "denoise", spy)
     batch = _batch()
     gen.training_step(batch, "anomaly")["loss"].backward()
     grad = seen[0].grad  # B x C x 32 x 32

@@ -32,6 +32,12 @@ BUDGET = {
               "sweep.scheduler=none"],
 }
 
+# Methods whose presets fix their stages' steps (train.steps does not shorten them): their own budget.
+METHOD_BUDGET = {
+    "anomaly-diffusion": ["method.backbone_steps=4", "method.anomaly_steps=4", "method.mask_steps=4",
+                          "method.mask_attempts=1", "sampling.steps=4"],
+}
+
 # Commands the README shows failing, and what their one-line error names.
 EXPECTED_ERRORS = {"defectforge train train.lr=-1": "train.lr"}
 
@@ -91,6 +97,8 @@ def _with_budget(command: str) -> list[str]:
         argv = [str(BIN / "defectforge"), *argv[1:]]
         sub = argv[1]
         budget = list(BUDGET.get(sub, []))
+        if sub in BUDGET and "--method" in argv:
+            budget += METHOD_BUDGET.get(argv[argv.index("--method") + 1], [])
         if sub == "sweep" and "--trials" in argv:  # the README's own trial count -> the budget's
             i = argv.index("--trials")
             del argv[i:i + 2]

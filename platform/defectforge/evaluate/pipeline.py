@@ -84,6 +84,7 @@ class PipelineSpec:
     batch_size: int = 8
     seed: int = 0
     diversity_on_driver: bool = False  # see ``diversity_on_driver`` below
+    progress: bool = False  # a line per finished block (rows done, rate); Ray Data's bars need a terminal
 
 
 # Generated pixels (images + masks) up to which the diversity stage runs in the driver's process.
@@ -124,8 +125,9 @@ class GeneratorSource:
     its own: this is only the input and the actors' constructor arguments.
     """
 
-    conditions: Any                # Ray Dataset: one block per generation batch
+    conditions: Any                # Ray Dataset: blocks of whole generation batches
     generator: dict[str, Any]      # EvalActor(generator=...)
+    n_rows: int = 0                # conditions rows (pairs to generate)
 
 
 @dataclass
@@ -201,7 +203,7 @@ def generated_from_checkpoint(checkpoint: str | Path, rows: list[dict[str, Any]]
     return GeneratorSource(ray.data.from_arrow(tables), {
         "checkpoint": str(checkpoint), "seed": spec.seed, "batch_size": bs,
         "sampling": sampling.to_json() if sampling is not None else None, "data_root": data_root, "split": split,
-        "reject_empty": reject_empty, "max_attempts": max_attempts})
+        "reject_empty": reject_empty, "max_attempts": max_attempts}, n_rows=len(rows))
 
 
 def generated_from_path(path: str | Path, products: list[str] | None, resolution: int,
@@ -327,11 +329,18 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
         folder.mkdir(parents=True)
     finish = ray.remote(num_returns=2, scheduling_strategy=outside_placement_group())(finish_block)
     finished = []
+    total_rows = len(real) + generated.n_rows if isinstance(generated, GeneratorSource) else 0
+    rows_done = 0
     for bundle in ds.iter_internal_ref_bundles():  # streams while the actors work
         slices = getattr(bundle, "slices", None) or [None] * len(bundle.block_refs)
         for ref, meta, piece in zip(bundle.block_refs, bundle.metadata, slices):
             if meta.num_rows == 0:
                 continue
+            if spec.progress:
+                rows_done += int(meta.num_rows)
+                elapsed = time.perf_counter() - t0
+                print(f"[evaluate] {rows_done}/{total_rows or '?'} rows through the pass (generated pairs and real "
+                      f"references)  {rows_done / max(elapsed, 1e-9):.2f} rows/s  {elapsed:.0f} s", flush=True)
             bounds = (piece.start_offset, piece.end_offset) if piece is not None else (None, None)
             finished.append(finish.remote(ref, *bounds, len(finished), str(pairs_path), str(features_path)))
     timings["actor_pass_s"] = time.perf_counter() - t0

@@ -512,7 +512,8 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     spec = PipelineSpec(extractor=ev.feature_extractor, weights_dir=ev.weights_dir,
                         lpips_kind="standard" if ev.feature_extractor == "standard" else "randnet",
                         num_actors=ev.num_actors, num_gpus_per_actor=ev.num_gpus_per_actor,
-                        batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed)
+                        batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed,
+                        progress=not quiet and not sys.stdout.isatty())
     if checkpoint is not None:
         n_pairs = ev.n_per_defect * sum(len(context["classes"][p]) for p in products)
         spec.diversity_on_driver = diversity_on_driver(ev.diversity, n_pairs, resolution)
