@@ -196,3 +196,48 @@ def test_checkpoint_round_trip(tmp_path):
     back = load_generator(path)
     for (name, a), (_, b) in zip(gen.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_on_an_sd_folder_backbone_it_trains_samples_and_blends_within_the_vae_tolerance(sd_folder, tmp_path):
+    """Acceptance 7 (and 2 with a VAE): ``method.backbone.path`` = a tiny SD-layout folder written
+    here; the method's stages train (the backbone stays frozen and is not a stage), it samples, and
+    outside the latent mask the final latent is encode(y) exactly (the pixels are its decoding:
+    the VAE mixes cells, see ``blend_sample``); a folder missing a part fails naming it."""
+    import shutil
+
+    folder = sd_folder
+    ctx = GeneratorContext(("fabric",), {"fabric": ("hole",)}, 32)
+    cfg = resolve_config(method="anomaly-diffusion", preset="tiny", overrides=[
+        f"method.backbone.path={folder}", "data.resolution=32"])
+    gen = build_generator(cfg.method, ctx)
+    assert [s.name for s in gen.stages()] == ["anomaly", "mask"] and "backbone" not in gen.saved_modules()
+    assert not cfg.method.trains_on_good() and cfg.method.pretraining() is None
+    mask = torch.zeros(2, 32, 32, dtype=torch.long)
+    mask[:, 10:18, 12:20] = 1
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1, "mask": mask, "product": torch.zeros(2, dtype=torch.long),
+             "defect": torch.ones(2, dtype=torch.long)}
+    for stage in ("anomaly", "mask"):
+        loss = gen.training_step(batch, stage)["loss"]
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert all(p.grad is None for p in gen.backbone.parameters())
+    normal_u8 = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    out = gen.sample(2, Conditions(["fabric"] * 2, ["hole"] * 2, normal_image=normal_u8), seed=0, options=OPTIONS)
+    assert out.images.shape == (2, 32, 32, 3) and set(np.unique(out.masks)) <= {0, 1}
+
+    normal = torch.from_numpy(normal_u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+    _, latent = gen.blend_sample(normal, mask.to(torch.uint8), ["fabric"] * 2, [0, 0], seed=0, options=OPTIONS,
+                                 return_latent=True)
+    with torch.no_grad():
+        y0 = gen.backbone.encode(normal)
+    outside = (torch.nn.functional.max_pool2d(mask.float().unsqueeze(1), 4) == 0).expand_as(latent)
+    assert torch.equal(latent[outside], y0[outside]) and not torch.allclose(latent[~outside], y0[~outside])
+
+    broken = tmp_path / "no-unet"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "unet")
+    bad = resolve_config(method="anomaly-diffusion", preset="tiny", overrides=[f"method.backbone.path={broken}"])
+    from defectforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lacks unet/"):
+        build_generator(bad.method, ctx)

@@ -331,8 +331,10 @@ class Backbone(nn.Module):
         [star] = tok("*", add_special_tokens=False).input_ids
         rows, slots = [], []
         for prefix in prefixes:
-            body = tok(prefix, add_special_tokens=False).input_ids
-            ids = tok.build_inputs_with_special_tokens(body + [star] * n_slots)
+            full = tok(prefix).input_ids  # with the tokenizer's own start / end tokens
+            if not full or full[-1] != tok.eos_token_id:
+                raise ValueError(f"{type(tok).__name__} does not end {prefix!r} with its end token")
+            ids = full[:-1] + [star] * n_slots + full[-1:]
             if len(ids) > self.max_tokens:
                 raise ValueError(f"prompt {prefix!r} + {n_slots} slots needs {len(ids)} tokens; the text encoder "
                                  f"takes {self.max_tokens} (method.backbone.max_tokens)")
