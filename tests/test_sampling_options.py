@@ -145,3 +145,19 @@ def test_a_mask_without_the_requested_defects_class_is_redrawn_and_counted():
     _, stats = sample_pairs(gen, GenerationPlan(["p"] * 4, ["hole", "scratch"] * 2), seed=0, batch_size=4,
                             progress=False, max_attempts=1)
     assert stats == {"redrawn": 0, "still_empty": 2}
+
+
+def test_evaluate_takes_a_named_override_even_when_it_equals_the_preset(tmp_path):
+    """``defectforge evaluate method.u=200 ...`` on a checkpoint recorded with u=20: the user named
+    u, so 200 applies even though it is also the preset's value (it used to be taken for "not
+    set" and the checkpoint's 20 won); what is not named or changed stays the checkpoint's."""
+    from defectforge.evaluate.run import explicit_sampling
+
+    gen, _ = _gen("method.u=20")
+    ckpt = gen.save_pretrained(tmp_path / "trained", sampling=SamplingOptions(steps=2, method={"u": 20}))
+    base = resolve_config(method="defect-gen", preset="tiny")
+    assert base.method.u == 200
+    assert explicit_sampling(base, base, ckpt).method["u"] == 20  # nothing said: the checkpoint's
+    assert explicit_sampling(base, base, ckpt, {"method.u"}).method["u"] == 200  # named: the user's
+    named = explicit_sampling(base, base, ckpt, {"sampling.steps"})
+    assert named.steps == base.sampling.steps and named.method["u"] == 20

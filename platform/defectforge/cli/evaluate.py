@@ -45,7 +45,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     sampling = None
     if args.checkpoint:
         base = resolve(argparse.Namespace(**{**vars(args), "config": None, "overrides": []}), extra)
-        sampling = explicit_sampling(cfg, base, args.checkpoint)
+        named = {text.split("=", 1)[0].strip() for text in (args.overrides or []) if "=" in text}
+        sampling = explicit_sampling(cfg, base, args.checkpoint, named)
     evaluate(cfg, checkpoint=args.checkpoint, generated=args.generated, out=args.out,
              summary_json=args.summary_json, log_to_mlflow=not args.no_mlflow, name=args.name,
              overwrite=getattr(args, "overwrite", False), sampling=sampling)

@@ -409,20 +409,30 @@ def config_sampling(cfg: ConfigBase, meta: dict[str, Any]) -> Any:
     return SamplingOptions(sampler=mine.sampler, steps=mine.steps, guidance=mine.guidance, method=method)
 
 
-def explicit_sampling(cfg: ConfigBase, base: ConfigBase, checkpoint: str | os.PathLike[str]) -> Any:
-    """The checkpoint's recorded options, with every sampling value on top that ``cfg`` sets
-    differently from ``base`` (the same command's config without the user's ``--config`` and
-    overrides): what ``defectforge evaluate`` samples with, so a checkpoint is evaluated as it
-    was trained or swept unless the user says otherwise."""
+def explicit_sampling(cfg: ConfigBase, base: ConfigBase, checkpoint: str | os.PathLike[str],
+                      explicit: set[str] | frozenset[str] = frozenset()) -> Any:
+    """The checkpoint's recorded options, with every sampling value on top that the user set: one
+    ``cfg`` sets differently from ``base`` (the same command's config without the user's
+    ``--config`` and overrides), or whose dotted key the user named (``explicit``, e.g.
+    ``method.mask_guidance``: a value equal to the preset's is still the user's choice and beats
+    the checkpoint's record). What ``defectforge evaluate`` samples with, so a checkpoint is
+    evaluated as it was trained or swept unless the user says otherwise."""
     from defectforge.methods.base import SamplingOptions, checkpoint_sampling, read_checkpoint_meta
 
     mine, theirs = SamplingOptions.from_config(cfg), SamplingOptions.from_config(base)
     ck = checkpoint_sampling(read_checkpoint_meta(checkpoint))
+
+    def chosen(key: str, a: Any, b: Any) -> bool:
+        return a != b or key in explicit
+
     return SamplingOptions(
-        sampler=mine.sampler if mine.sampler != theirs.sampler else ck.sampler,
-        steps=mine.steps if mine.steps != theirs.steps else ck.steps,
-        guidance={**ck.guidance, **{k: v for k, v in mine.guidance.items() if theirs.guidance.get(k) != v}},
-        method={**ck.method, **{k: v for k, v in mine.method.items() if theirs.method.get(k) != v}})
+        sampler=mine.sampler if chosen("sampling.sampler", mine.sampler, theirs.sampler) else ck.sampler,
+        steps=mine.steps if chosen("sampling.steps", mine.steps, theirs.steps) else ck.steps,
+        guidance={**ck.guidance, **{k: v for k, v in mine.guidance.items()
+                                    if chosen(f"sampling.guidance.{k}", v, theirs.guidance.get(k))
+                                    or "sampling.guidance" in explicit}},
+        method={**ck.method, **{k: v for k, v in mine.method.items()
+                                if chosen(f"method.{k}", v, theirs.method.get(k))}})
 
 
 def _seg_cache_dir(cfg: ConfigBase, run_root: Path) -> Path | None:
