@@ -106,7 +106,7 @@ def test_a_varying_map_on_a_non_square_grid_lands_where_it_belongs_and_fits_guid
         assert not torch.allclose(attn(x, encoder_hidden_states=ctx), want)  # another layout, another result
         attn.set_processor(ControlledAttnProcessor(AttentionControl(weight=w, tokens=torch.ones(4, dtype=torch.bool),
                                                                     latent_hw=(4, 8))))
-        with pytest.raises(ValueError, match="token mask has 4 entries, the layer 3"):
+        with pytest.raises(ValueError, match="token mask has 4 entries per row, the layer 3"):
             attn(x, encoder_hidden_states=ctx)
 
 
