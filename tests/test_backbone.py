@@ -138,20 +138,25 @@ def test_sd_folder_missing_part_or_bad_keys_is_named(sd_folder, tmp_path):
     with pytest.raises(ConfigError, match=r"lacks vae/"):
         Backbone(BackboneConfig(path=str(broken)), PRODUCTS, 32)
 
-    extra = tmp_path / "extra-key"
-    shutil.copytree(sd_folder, extra)
-    [weights] = (extra / "unet").glob("*.safetensors")
-    state = load_file(str(weights))
-    save_file({**state, "surprise.weight": torch.zeros(1)}, str(weights))
-    with pytest.raises(ConfigError, match=r"unexpected surprise\.weight"):
-        Backbone(BackboneConfig(path=str(extra)), PRODUCTS, 32)
+    def edited(name: str, part: str, edit) -> str:  # a copy whose <part> weights went through edit()
+        folder = tmp_path / name
+        shutil.copytree(sd_folder, folder)
+        [weights] = (folder / part).glob("*.safetensors")
+        save_file(edit(load_file(str(weights))), str(weights))
+        return str(folder)
 
-    missing = tmp_path / "missing-key"
-    shutil.copytree(sd_folder, missing)
-    [weights] = (missing / "text_encoder").glob("*.safetensors")
-    state = load_file(str(weights))
-    gone = sorted(state)[0]
-    save_file({k: v for k, v in state.items() if k != gone}, str(weights))
+    extra = edited("extra-key", "unet", lambda state: {**state, "surprise.weight": torch.zeros(1)})
+    with pytest.raises(ConfigError, match=r"unexpected surprise\.weight"):
+        Backbone(BackboneConfig(path=extra), PRODUCTS, 32)
+
+    gone = ""
+
+    def drop_first(state):
+        nonlocal gone
+        gone = sorted(state)[0]
+        return {k: v for k, v in state.items() if k != gone}
+
+    missing = edited("missing-key", "text_encoder", drop_first)
     with pytest.raises(ConfigError, match=rf"text_encoder.*missing {gone}"):
         Backbone(BackboneConfig(path=str(missing)), PRODUCTS, 32)
 

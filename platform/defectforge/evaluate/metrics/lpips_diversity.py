@@ -249,16 +249,23 @@ def ic_lpips(generated: Any, centres: Any, model: Any, max_per_cluster: int | No
              seed: int = 0) -> float:
     """IC-LPIPS: mean over clusters (>= 2 members) of the mean pairwise distance within each cluster."""
     gen = check_images(generated, "generated images")
-    labels = assign_clusters(gen, centres, model)
+    values = [mean_pairwise_lpips(gen[members], model)
+              for members in cluster_members(assign_clusters(gen, centres, model), max_per_cluster, seed)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def cluster_members(labels: np.ndarray, max_per_cluster: int | None, seed: int) -> list[np.ndarray]:
+    """IC-LPIPS's clusters: the members of each cluster with >= 2 of them, at most
+    ``max_per_cluster`` (a seeded subsample, drawn cluster by cluster in label order)."""
     rng = np.random.default_rng(seed)
-    values = []
+    out = []
     for k in np.unique(labels):
         members = np.flatnonzero(labels == k)
         if max_per_cluster is not None and len(members) > max_per_cluster:
             members = np.sort(rng.choice(members, size=max_per_cluster, replace=False))
         if len(members) >= 2:
-            values.append(mean_pairwise_lpips(gen[members], model))
-    return float(np.mean(values)) if values else float("nan")
+            out.append(members)
+    return out
 
 
 def diversity_lpips(images: Any, centres: Any, model: Any, max_pairs: int | None = None, seed: int = 0,
@@ -301,15 +308,10 @@ def diversity_from_features(dist: LpipsDistance, feats: list[torch.Tensor], cent
         raise ValueError(f"generated images and centres differ in size (features {tuple(feats[0].shape[1:])} vs "
                          f"{tuple(centre_feats[0].shape[1:])})")
     labels = np.argmin(dist.distance_matrix(feats, centre_feats), axis=1)
-    rng = np.random.default_rng(seed)
     values = []
-    for k in np.unique(labels):
-        members = np.flatnonzero(labels == k)
-        if max_per_cluster is not None and len(members) > max_per_cluster:
-            members = np.sort(rng.choice(members, size=max_per_cluster, replace=False))
-        if len(members) >= 2:
-            a, b = np.triu_indices(len(members), k=1)
-            values.append(float(np.mean(d_gg[members[a], members[b]])))
+    for members in cluster_members(labels, max_per_cluster, seed):
+        a, b = np.triu_indices(len(members), k=1)
+        values.append(float(np.mean(d_gg[members[a], members[b]])))
     return mean_pairwise, float(np.mean(values)) if values else float("nan")
 
 
