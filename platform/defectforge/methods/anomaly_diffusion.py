@@ -353,7 +353,10 @@ class AnomalyDiffusion(Generator):
         m_lat = self._latent_mask(mask)
         states, slots = self.anomaly_states(products, type_ids, mask.float())
         uncond = bb.encode_text([""] * n) if cfg.image_guidance != 1.0 else None
-        control = AttentionControl(tokens=slots) if cfg.aar == "paper" else None
+        # With guidance the UNet runs [conditional; unconditional] in one batch (``_guided``): the
+        # weight applies to the embedding tokens of the conditional half only.
+        tokens = slots if uncond is None else torch.cat([slots, torch.zeros_like(slots)])
+        control = AttentionControl(tokens=tokens) if cfg.aar == "paper" else None
         before = dict(bb.unet.attn_processors)
         if control is not None:
             install(bb.unet, control)
