@@ -244,11 +244,11 @@ def remove_leaked_placement_groups(log=print) -> int:
         from ray.util.state import list_actors
 
         dead_jobs = {j["JobID"] for j in ray.state.jobs() if j.get("IsDead")}
-        # 10 000 is the state API's cap (a larger limit is refused: the cleanup never ran until
-        # 2026-11-30); more live actors than that are reported as missing output and raise (below),
-        # so a truncated list never makes a live group look unused.
-        in_use = {a.placement_group_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000,
-                                                             raise_on_missing_output=True)
+        # KNOWN (2026-11-30): Ray 2.60's state API refuses limits above 10 000, so this call fails
+        # and the cleanup has never run (it logs why). Making it run (limit=10_000) made the
+        # simulated multi-node sweep of tests/test_multinode.py 2x slower and flaky (546 s vs
+        # 266 s with it off): not understood yet, so it stays off until it is (issue note).
+        in_use = {a.placement_group_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=100_000)
                   if a.placement_group_id}
         table = placement_group_table()
     except Exception as exc:  # the state API needs the dashboard; never fail a sweep over a cleanup
