@@ -311,26 +311,7 @@ class AnomalyDiffusion(Generator):
 
     def _draw(self, states: torch.Tensor, seed: int, options: SamplingOptions, guidance: float) -> torch.Tensor:
         """Plain (unblended) sampling from ``states``: the mask draw."""
-        bb = self.backbone
-        n = states.shape[0]
-        g = torch.Generator().manual_seed(int(seed))
-        z = torch.randn(n, bb.latent_channels, bb.latent_size, bb.latent_size, generator=g).to(bb.device)
-        uncond = bb.encode_text([""] * n) if guidance != 1.0 else None
-        sched = bb.make_scheduler(options.sampler, options.steps)
-        for t in sched.timesteps:
-            tt = torch.full((n,), int(t), device=bb.device, dtype=torch.long)
-            pred = self._guided(z, tt, states, uncond, guidance)
-            z = sched.step(pred, t, z, generator=g).prev_sample if options.sampler == "ddpm" else \
-                sched.step(pred, t, z).prev_sample
-        return bb.decode(z).clamp(-1, 1)
-
-    def _guided(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-                guidance: float) -> torch.Tensor:
-        bb = self.backbone
-        if uncond is None:
-            return bb.denoise(z, t, cond)
-        c, u = bb.denoise(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
-        return u + guidance * (c - u)
+        return self.backbone.sample_states(states, seed, options.sampler, options.steps, guidance)
 
     @torch.no_grad()
     def blend_sample(self, normal: torch.Tensor, mask: torch.Tensor, products: list[str], type_ids: list[int],
@@ -353,7 +334,7 @@ class AnomalyDiffusion(Generator):
         m_lat = self._latent_mask(mask)
         states, slots = self.anomaly_states(products, type_ids, mask.float())
         uncond = bb.encode_text([""] * n) if cfg.image_guidance != 1.0 else None
-        # With guidance the UNet runs [conditional; unconditional] in one batch (``_guided``): the
+        # With guidance the UNet runs [conditional; unconditional] in one batch (``Backbone.guided``): the
         # weight applies to the embedding tokens of the conditional half only.
         tokens = slots if uncond is None else torch.cat([slots, torch.zeros_like(slots)])
         control = AttentionControl(tokens=tokens) if cfg.aar == "paper" else None
@@ -366,12 +347,11 @@ class AnomalyDiffusion(Generator):
             steps = list(sched.timesteps)
             for i, t in enumerate(steps):
                 tt = torch.full((n,), int(t), device=bb.device, dtype=torch.long)
-                pred = self._guided(z, tt, states, uncond, cfg.image_guidance)
+                pred = bb.guided(z, tt, states, uncond, cfg.image_guidance)
                 if control is not None:  # the weight of the next step, from this step's x̂0 (one call per step)
                     x0_hat = bb.decode(bb.to_x0(pred, z, tt)).clamp(-1, 1)
                     control.weight = aar_weights(mask.float(), normal, x0_hat)
-                z = sched.step(pred, t, z, generator=g).prev_sample if options.sampler == "ddpm" else \
-                    sched.step(pred, t, z).prev_sample
+                z = bb.step(sched, options.sampler, pred, t, z, g)
                 if i + 1 < len(steps):  # the defect-free image at the next step's noise level
                     t_next = torch.full((n,), int(steps[i + 1]), device=bb.device, dtype=torch.long)
                     background = bb.noise_scheduler.add_noise(y0, torch.randn(y0.shape, generator=g).to(bb.device),

@@ -472,20 +472,35 @@ class Backbone(nn.Module):
                  sampler: str = "ddim") -> torch.Tensor:
         """Images (B x 3 x H x W in [-1, 1]) for ``prompts`` with classifier-free guidance
         (``guidance`` 1 = none): what the backbone alone draws, e.g. to judge a pretraining."""
-        n = len(prompts)
+        return self.sample_states(self.encode_text(prompts), seed, sampler, steps, guidance)
+
+    def sample_states(self, states: torch.Tensor, seed: int, sampler: str, steps: int | None,
+                      guidance: float) -> torch.Tensor:
+        """Images drawn from text ``states`` (B x L x D, e.g. with spliced embeddings) from pure
+        noise, with classifier-free guidance against the empty prompt (``guidance`` 1 = none)."""
+        n = states.shape[0]
         g = torch.Generator(device="cpu").manual_seed(int(seed))
         z = torch.randn(n, self.latent_channels, self.latent_size, self.latent_size, generator=g).to(self.device)
-        cond = self.encode_text(prompts)
         uncond = self.encode_text([""] * n) if guidance != 1.0 else None
         sched = self.make_scheduler(sampler, steps)
         for t in sched.timesteps:
             tt = torch.full((n,), int(t), device=self.device, dtype=torch.long)
-            if uncond is None:
-                pred = self.denoise(z, tt, cond)
-            else:
-                both = self.denoise(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([cond, uncond]))
-                c, u = both.chunk(2)
-                pred = u + guidance * (c - u)
-            z = sched.step(pred, t, z, generator=g).prev_sample if sampler == "ddpm" else \
-                sched.step(pred, t, z).prev_sample
+            z = self.step(sched, sampler, self.guided(z, tt, states, uncond, guidance), t, z, g)
         return self.decode(z).clamp(-1, 1)
+
+    def guided(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+               guidance: float) -> torch.Tensor:
+        """The prediction with classifier-free guidance: u + guidance (c - u), conditional and
+        unconditional halves in one batch ([cond; uncond]); ``uncond`` None = the conditional one."""
+        if uncond is None:
+            return self.denoise(z, t, cond)
+        c, u = self.denoise(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
+        return u + guidance * (c - u)
+
+    @staticmethod
+    def step(sched: Any, sampler: str, pred: torch.Tensor, t: Any, z: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        """One reverse step (DDPM draws its noise from ``generator``; DDIM with eta 0 draws none)."""
+        if sampler == "ddpm":
+            return sched.step(pred, t, z, generator=generator).prev_sample
+        return sched.step(pred, t, z).prev_sample
