@@ -311,12 +311,12 @@ def test_eval_block_caches_models_per_worker_and_keeps_the_generation_batches(tm
     generator = {"checkpoint": str(ckpt), "seed": 3, "sampling": options, "batch_size": 2, "reject_empty": False}
     rows = {"product": np.asarray(["fabric"] * 4), "defect": np.asarray(["hole", "scratch"] * 2),
             "index": np.arange(4)}
-    actors._EXTRACTORS.clear(), actors._GENERATOR.clear()
+    actors._EXTRACTORS.clear(), actors._WORKER.clear()
     whole = actors.eval_block(dict(rows), "randfeat", generator=generator)
-    extractor, loaded = next(iter(actors._EXTRACTORS.values())), actors._GENERATOR["worker"].gen
+    extractor, loaded = next(iter(actors._EXTRACTORS.values())), actors._WORKER["actor"].gen
     halves = [actors.eval_block({k: v[s:s + 2] for k, v in rows.items()}, "randfeat", generator=generator)
               for s in (0, 2)]
-    assert next(iter(actors._EXTRACTORS.values())) is extractor and actors._GENERATOR["worker"].gen is loaded
+    assert next(iter(actors._EXTRACTORS.values())) is extractor and actors._WORKER["actor"].gen is loaded
     np.testing.assert_array_equal(whole["image"], np.concatenate([h["image"] for h in halves]))
     np.testing.assert_array_equal(whole["mask"], np.concatenate([h["mask"] for h in halves]))
     assert list(whole["id"]) == ["00000", "00001", "00002", "00003"] and whole["features"].shape[0] == 4
@@ -325,5 +325,5 @@ def test_eval_block_caches_models_per_worker_and_keeps_the_generation_batches(tm
     shutil.rmtree(ckpt)
     build_generator(cfg.method, ctx).save_pretrained(tmp_path / "g")  # new weights, same path
     again = actors.eval_block(dict(rows), "randfeat", generator=generator)
-    assert actors._GENERATOR["worker"].gen is not loaded
+    assert actors._WORKER["actor"].gen is not loaded
     assert not np.array_equal(again["image"], whole["image"])

@@ -114,7 +114,7 @@ class EvalActor:
 
 
 _EXTRACTORS: dict[tuple[str, str | None, str], Any] = {}
-_GENERATOR: dict[str, Any] = {}  # one slot: {"key": ..., "worker": EvalActor}
+_WORKER: dict[str, Any] = {}  # one slot: {"key": ..., "actor": EvalActor}
 
 
 def eval_block(batch: dict[str, np.ndarray], kind: str, weights_dir: str | None = None, num_gpus: float = 0.0,
@@ -131,30 +131,25 @@ def eval_block(batch: dict[str, np.ndarray], kind: str, weights_dir: str | None 
     pool, because Ray ends a GPU task's worker after each call unless told otherwise and a cached
     model would hold GPU memory in an idle process.
     """
+    import json
+
     from defectforge.evaluate.metrics import make_extractor
     from defectforge.methods.base import read_checkpoint_meta
 
     device = _device(num_gpus)
     ekey = (kind, weights_dir, device)
-    if ekey not in _EXTRACTORS:
-        _EXTRACTORS[ekey] = make_extractor(kind, weights_dir, device=device)
-    worker = EvalActor.__new__(EvalActor)
-    worker.extractor, worker.gen = _EXTRACTORS[ekey], None
-    if generator is not None:
-        import json
-
-        key = json.dumps([generator, read_checkpoint_meta(generator["checkpoint"])["sha256"], device],
-                         sort_keys=True, default=str)
-        if _GENERATOR.get("key") != key:
-            _GENERATOR.clear()  # at most one generator per worker: a sweep's old trials' models go
-            loaded = EvalActor.__new__(EvalActor)
-            loaded._load_generator(num_gpus=num_gpus, **generator)
-            _GENERATOR.update(key=key, worker=loaded)
-        cached = _GENERATOR["worker"]
-        worker.gen, worker.options, worker.source = cached.gen, cached.options, cached.source
-        worker.seed, worker.reject_empty, worker.max_attempts = cached.seed, cached.reject_empty, cached.max_attempts
-        worker.batch_size = cached.batch_size
-    return worker(batch)
+    sha = read_checkpoint_meta(generator["checkpoint"])["sha256"] if generator is not None else None
+    key = json.dumps([ekey, generator, sha], sort_keys=True, default=str)
+    if _WORKER.get("key") != key:
+        _WORKER.clear()  # at most one generator per worker: a sweep's old trials' models go
+        if ekey not in _EXTRACTORS:
+            _EXTRACTORS[ekey] = make_extractor(kind, weights_dir, device=device)
+        actor = EvalActor.__new__(EvalActor)  # EvalActor.__init__, with the cached extractor
+        actor.extractor, actor.gen = _EXTRACTORS[ekey], None
+        if generator is not None:
+            actor._load_generator(num_gpus=num_gpus, **generator)
+        _WORKER.update(key=key, actor=actor)
+    return _WORKER["actor"](batch)
 
 
 def decode_refs(batch: dict[str, np.ndarray], classes: dict[str, list[str]], resolution: int) -> dict[str, np.ndarray]:
