@@ -160,7 +160,10 @@ def _pretrained_once(cfg: Any, spec: StudySpec, data: Any, trial_id: str, run_id
     import mlflow
 
     mlflow.MlflowClient(spec.uri).set_tag(run_id, "defectforge.pretraining", name)
-    gen = registry.get(cfg.method.name)(cfg.method, data.context)
+    import torch
+
+    with torch.device("meta"):  # only its stage names are needed: no weights (as train.runner.check_buildable)
+        gen = registry.get(cfg.method.name)(cfg.method, data.context)
     rest = [s.name for s in gen.stages() if s.name != stage]
     return config_from_dict(deep_merge(cfg.to_dict(), {"train": {
         "stages": rest, "init_from": str(Path(record["checkpoint"]) / "generator"),
