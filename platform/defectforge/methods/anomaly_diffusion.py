@@ -46,22 +46,20 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from defectforge.config import MethodConfigBase
 from defectforge.methods.base import Conditions, GeneratedBatch, Generator, GeneratorContext, SamplingOptions, Stage
 from defectforge.methods.registry import register
-from defectforge.nn.backbone import BACKBONE_PRESETS, MASK_CAPTION, Backbone, BackboneConfig
+from defectforge.nn.backbone import BACKBONE_PRESETS, MASK_CAPTION, Backbone, BackboneMethodConfig
 
 ANOMALY, MASK = "anomaly", "mask"
 
 
-class AnomalyDiffusionConfig(MethodConfigBase):
+class AnomalyDiffusionConfig(BackboneMethodConfig):
     """AnomalyDiffusion's knobs (paper defaults; ``tiny`` / ``laptop`` shrink the backbone).
 
     ``sampling_time`` fields (``aar``, ``mask_guidance``, ``image_guidance``, ``mask_attempts``)
     change sampling only: sweep trials that differ in them reuse one trained model."""
 
     name: Literal["anomaly-diffusion"] = "anomaly-diffusion"
-    backbone: BackboneConfig = BackboneConfig()
     k: int = Field(8, ge=1, le=32, description="anomaly embedding vectors per (product, defect type) (paper 8)")
     n: int = Field(4, ge=1, le=16, description="tokens the spatial encoder makes from the mask (paper 4)")
     k_mask: int = Field(4, ge=1, le=16, description="mask embedding vectors per defect type (paper 4)")
@@ -74,18 +72,8 @@ class AnomalyDiffusionConfig(MethodConfigBase):
                                   json_schema_extra={"sampling_time": True})
     mask_attempts: int = Field(6, ge=1, description="draws per mask before keeping the last (border cleared)",
                                json_schema_extra={"sampling_time": True})
-    backbone_steps: int | None = Field(None, ge=1, description="stage backbone's steps (null = train.steps)")
-    backbone_lr: float | None = Field(None, gt=0, description="stage backbone's rate (null = train.lr)")
     anomaly_steps: int | None = Field(None, ge=1, description="stage anomaly's steps (null = train.steps)")
     mask_steps: int | None = Field(None, ge=1, description="stage mask's steps (null = train.steps)")
-
-    def pretraining(self) -> dict[str, Any] | None:
-        if self.backbone.path is not None:
-            return None  # a folder's backbone is frozen; a copied one is already trained
-        return {"stage": "backbone", "fields": ["backbone", "backbone_steps", "backbone_lr"], "modules": ["backbone"]}
-
-    def trains_on_good(self) -> bool:
-        return self.backbone.path is None  # the backbone pretrains on defect-free and defective images
 
     @classmethod
     def preset(cls, name: str) -> dict[str, Any]:

@@ -288,6 +288,13 @@ class Generator(nn.Module, ABC):
         and return no stages; methods with data-derived statistics compute them here.
         """
 
+    def begin_stage(self, stage: str) -> None:
+        """Hook run on every worker when stage ``stage`` starts from its step 0 (not when a run
+        resumes inside it), before its optimiser and EMA are built from the stage's parameters.
+
+        Default: nothing. DefectSynth copies the (by then trained) backbone UNet's encoder into its
+        ControlNet here, as ControlNet training starts from a copy of the frozen model."""
+
     def saved_modules(self) -> dict[str, nn.Module]:
         """Modules written to a checkpoint. Default: the trainable ones."""
         return self.trainable_modules()

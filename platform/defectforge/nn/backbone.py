@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from defectforge.config import ConfigError, _Strict
+from defectforge.config import ConfigError, MethodConfigBase, _Strict
 
 #: Fields that fix the architecture trained here (a copied checkpoint must agree on all of them).
 ARCH_FIELDS = ("arch", "latent_downsample", "widths", "layers_per_block", "attention_resolution",
@@ -98,6 +98,25 @@ class BackboneConfig(_Strict):
         if self.text_dim % self.text_heads:
             raise ValueError(f"text_dim={self.text_dim} is not a multiple of text_heads={self.text_heads}")
         return self
+
+
+class BackboneMethodConfig(MethodConfigBase):
+    """Base of the configs of methods built on the shared backbone: ``method.backbone`` and its
+    stage's steps and rate, and the sweep's train-once rule (the backbone stage is trained once per
+    study when it is trained here; a folder's is frozen, a copied one already trained)."""
+
+    name: str
+    backbone: BackboneConfig = BackboneConfig()
+    backbone_steps: int | None = Field(None, ge=1, description="stage backbone's steps (null = train.steps)")
+    backbone_lr: float | None = Field(None, gt=0, description="stage backbone's rate (null = train.lr)")
+
+    def pretraining(self) -> dict[str, Any] | None:
+        if self.backbone.path is not None:
+            return None  # a folder's backbone is frozen; a copied one is already trained
+        return {"stage": "backbone", "fields": ["backbone", "backbone_steps", "backbone_lr"], "modules": ["backbone"]}
+
+    def trains_on_good(self) -> bool:
+        return self.backbone.path is None  # the backbone pretrains on defect-free and defective images
 
 
 #: ``method.backbone`` per preset (methods nest these in their own presets).
@@ -489,12 +508,15 @@ class Backbone(nn.Module):
         return self.decode(z).clamp(-1, 1)
 
     def guided(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-               guidance: float) -> torch.Tensor:
+               guidance: float, extra: Any = None) -> torch.Tensor:
         """The prediction with classifier-free guidance: u + guidance (c - u), conditional and
-        unconditional halves in one batch ([cond; uncond]); ``uncond`` None = the conditional one."""
+        unconditional halves in one batch ([cond; uncond]); ``uncond`` None = the conditional one.
+        ``extra(z, t, states)`` -> keyword arguments of ``denoise`` for the batch it is called
+        with (DefectSynth's ControlNet residuals, computed on the same doubled batch)."""
         if uncond is None:
-            return self.denoise(z, t, cond)
-        c, u = self.denoise(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
+            return self.denoise(z, t, cond, **(extra(z, t, cond) if extra else {}))
+        zz, tt, states = torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond])
+        c, u = self.denoise(zz, tt, states, **(extra(zz, tt, states) if extra else {})).chunk(2)
         return u + guidance * (c - u)
 
     @staticmethod

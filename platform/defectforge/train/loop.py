@@ -199,6 +199,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for stage_index in range(start_stage, len(stages)):
         stage, n_steps = stages[stage_index], stage_steps[stage_index]
         first_step = start_step if stage_index == start_stage else 0
+        if first_step == 0:
+            gen.begin_stage(stage.name)
         _set_trainable(gen, stage.modules)
         params = _stage_params(gen, stage.modules)
         model = ray.train.torch.prepare_model(gen) if world > 1 else gen
