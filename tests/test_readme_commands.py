@@ -36,6 +36,7 @@ BUDGET = {
 METHOD_BUDGET = {
     "anomaly-diffusion": ["method.backbone_steps=4", "method.anomaly_steps=4", "method.mask_steps=4",
                           "method.mask_attempts=1", "sampling.steps=4"],
+    "defect-synth": ["method.backbone_steps=4", "method.controlnet_steps=4", "sampling.steps=4"],
 }
 
 # Commands the README shows failing, and what their one-line error names.

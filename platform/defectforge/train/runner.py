@@ -100,11 +100,11 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(seen).__name__}: {text[-1] if text else ''}"
 
 
-def check_buildable(cfg: ConfigBase, context: GeneratorContext) -> None:
+def check_buildable(cfg: ConfigBase, context: GeneratorContext) -> list[tuple[str, int]]:
     """Build the generator on the meta device (no memory, no weights: well under a second) and
     select its stages: a config the method cannot build (e.g. a resolution its receptive field
     does not divide) or a bad ``train.stages`` / ``train.init_from`` fails here, before Ray,
-    Train or MLflow start, naming the field."""
+    Train or MLflow start, naming the field. Returns the stages that will train, with their steps."""
     import torch
     from pydantic import ValidationError
 
@@ -116,7 +116,8 @@ def check_buildable(cfg: ConfigBase, context: GeneratorContext) -> None:
             probe = build_generator(cfg.method, context)
     except (ValueError, KeyError, TypeError, ValidationError) as exc:
         raise ConfigError(f"method {cfg.method.name} cannot be built with this config: {exc}") from None
-    select_stages(probe, cfg.train.stages, cfg.train.init_from, cfg.train.init_modules)
+    stages = select_stages(probe, cfg.train.stages, cfg.train.init_from, cfg.train.init_modules)
+    return [(s.name, s.steps or cfg.train.steps) for s in stages]
 
 
 def default_name(cfg: ConfigBase, products: list[str]) -> str:
@@ -260,7 +261,8 @@ def train(cfg: ConfigBase, out: str | os.PathLike[str], name: str | None = None,
     storage_flag = f"env {STORAGE_ENV}" if asked else "Ray Train storage (<--out>/ray)"
     check_gpus_available(cfg.train.scaling.use_gpu, "train.scaling.use_gpu")
     data = load_training_data(cfg)
-    check_buildable(cfg, data.context)
+    stages = check_buildable(cfg, data.context)
+    steps = " + ".join(f"{name} {n}" for name, n in stages) + " steps" if stages else "no training stages"
     products = list(data.context.products)
     groups = [[p] for p in products] if cfg.train.mode == "per-product" else [products]
 
@@ -291,7 +293,7 @@ def train(cfg: ConfigBase, out: str | os.PathLike[str], name: str | None = None,
         mlflow_info = _mlflow_run(cfg, run_name, sub, run_dir, fresh=not resumed) if log_to_mlflow else None
         n_def = sum(r["defect"] != "good" for r in sub.rows)
         print(f"[train] {run_name}: {cfg.method.name} on {group} - {len(sub.rows)} training images "
-              f"({n_def} defective), {cfg.train.steps} steps, batch {cfg.train.batch_size}, "
+              f"({n_def} defective), {steps}, batch {cfg.train.batch_size}, "
               f"{cfg.train.scaling.num_workers or 'in-process'} worker(s)", flush=True)
         outcome = TrainOutcome(run_name, group, run_dir, None,
                                mlflow_run_id=mlflow_info["run_id"] if mlflow_info else None)
