@@ -356,16 +356,7 @@ class AnomalyDiffusion(Generator):
     @torch.no_grad()
     def sample(self, n: int, conditions: Conditions, seed: int,
                options: SamplingOptions | None = None) -> GeneratedBatch:
-        if len(conditions) != n:
-            raise ValueError(f"sample: {n} requested, {len(conditions)} conditions")
-        if conditions.normal_image is None:
-            raise ValueError("anomaly-diffusion generates onto defect-free images: Conditions.normal_image "
-                             "(N,H,W,3 uint8) is required")
-        res = self.context.resolution
-        normal_np = np.asarray(conditions.normal_image)
-        if normal_np.dtype != np.uint8 or normal_np.shape != (n, res, res, 3):
-            raise ValueError(f"Conditions.normal_image must be uint8 ({n},{res},{res},3), got {normal_np.dtype} "
-                             f"{normal_np.shape}")
+        normal = self.normal_images(n, conditions)
         type_ids = []
         for p, d in zip(conditions.product, conditions.defect):
             if (p, d) not in self.type_index:
@@ -373,11 +364,6 @@ class AnomalyDiffusion(Generator):
                                f"{', '.join(f'{a}/{b}' for a, b in self.types)}")
             type_ids.append(self.type_index[(p, d)])
         masks = self.sample_masks(type_ids, seed, options)
-        dev = self.backbone.device
-        normal = torch.from_numpy(normal_np.copy()).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
-        images = self.blend_sample(normal, torch.from_numpy(masks).to(dev), list(conditions.product), type_ids,
-                                   seed, options)
-        out = ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        labels = np.stack([masks[i] * self.context.class_id(p, d)
-                           for i, (p, d) in enumerate(zip(conditions.product, conditions.defect))]).astype(np.uint8)
-        return GeneratedBatch(out, labels, list(conditions.product), list(conditions.defect))
+        images = self.blend_sample(normal, torch.from_numpy(masks).to(normal.device), list(conditions.product),
+                                   type_ids, seed, options)
+        return self.pairs(images, masks, conditions)

@@ -318,6 +318,31 @@ class Generator(nn.Module, ABC):
         """``n`` pairs for ``conditions`` (len n), reproducible for (``seed``, ``options``);
         ``options`` None = ``self.default_sampling``."""
 
+    def normal_images(self, n: int, conditions: Conditions) -> torch.Tensor:
+        """``conditions.normal_image`` checked (n x H x W x 3 uint8 at the context's resolution) and
+        returned as n x 3 x H x W floats in [-1, 1] on this generator's device: the defect-free
+        images of the methods that generate onto them (AnomalyDiffusion, DefectSynth)."""
+        if len(conditions) != n:
+            raise ValueError(f"sample: {n} requested, {len(conditions)} conditions")
+        if conditions.normal_image is None:
+            raise ValueError(f"{self.method_name()} generates onto defect-free images: Conditions.normal_image "
+                             "(N,H,W,3 uint8) is required")
+        res = self.context.resolution
+        normal = np.asarray(conditions.normal_image)
+        if normal.dtype != np.uint8 or normal.shape != (n, res, res, 3):
+            raise ValueError(f"Conditions.normal_image must be uint8 ({n},{res},{res},3), got {normal.dtype} "
+                             f"{normal.shape}")
+        return torch.from_numpy(normal.copy()).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def pairs(self, images: torch.Tensor, masks: np.ndarray, conditions: Conditions,
+              extras: dict[str, Any] | None = None) -> GeneratedBatch:
+        """A ``GeneratedBatch`` from images (n x 3 x H x W in [-1, 1]) and binary masks (n x H x W):
+        uint8 images, each mask carrying its condition's class id."""
+        out = ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        labels = np.stack([(np.asarray(masks[i]) > 0) * self.context.class_id(p, d)
+                           for i, (p, d) in enumerate(zip(conditions.product, conditions.defect))]).astype(np.uint8)
+        return GeneratedBatch(out, labels, list(conditions.product), list(conditions.defect), extras=extras or {})
+
     def sampling_config(self, options: SamplingOptions) -> MethodConfigBase:
         """This generator's config with ``options.method`` applied: only sampling-time fields may
         change (anything else would need other weights), and the config model validates the values

@@ -89,6 +89,19 @@ class CropBank(nn.Module):
         return int(self.images.shape[0])
 
 
+def defect_region(row: dict[str, Any], context: Any) -> tuple[int, np.ndarray] | None:
+    """(class id, bool region) of a training row's labelled defect, or None for a defect-free row
+    or an empty mask. A multi-class mask without its folder's class gives any defect pixel."""
+    if row["defect"] == "good":
+        return None
+    own = context.class_id(row["product"], row["defect"])
+    mask = np.asarray(row["mask"])
+    region = mask == own
+    if not region.any():
+        region = mask > 0
+    return (own, region) if region.any() else None
+
+
 def _bbox(region: np.ndarray, context: int) -> tuple[int, int, int, int]:
     ys, xs = np.nonzero(region)
     h, w = region.shape
@@ -124,15 +137,9 @@ class CropPaste(Generator):
         """Keep the bbox crop (+ context) of each labelled defect of the training rows."""
         crops = []
         for row in rows:
-            if row["defect"] == "good":
+            if (found := defect_region(row, self.context)) is None:
                 continue
-            own = self.context.class_id(row["product"], row["defect"])
-            mask = np.asarray(row["mask"])
-            region = mask == own
-            if not region.any():  # a multi-class mask without its folder's class: take any defect
-                region = mask > 0
-            if not region.any():
-                continue
+            own, region = found
             y0, y1, x0, x1 = _bbox(region, self.config.context)
             crops.append((np.asarray(row["image"])[y0:y1, x0:x1],
                           np.where(region[y0:y1, x0:x1], own, 0).astype(np.uint8),

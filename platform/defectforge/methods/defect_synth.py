@@ -64,7 +64,7 @@ from defectforge.methods.base import (
     read_checkpoint_meta,
     verified_weight_file,
 )
-from defectforge.methods.crop_paste import BANK, BANK_KEYS, CropBank
+from defectforge.methods.crop_paste import BANK, BANK_KEYS, CropBank, defect_region
 from defectforge.methods.registry import register
 from defectforge.nn.backbone import BACKBONE_PRESETS, MASK_CAPTION, Backbone, BackboneMethodConfig
 
@@ -243,15 +243,9 @@ class DefectSynth(Generator):
         self.backbone.initialise()  # a backbone copied from another defectforge checkpoint
         images, masks, products, classes = [], [], [], []
         for row in rows:
-            if row["defect"] == "good":
+            if (found := defect_region(row, self.context)) is None:
                 continue
-            own = self.context.class_id(row["product"], row["defect"])
-            mask = np.asarray(row["mask"])
-            region = mask == own
-            if not region.any():
-                region = mask > 0
-            if not region.any():
-                continue
+            own, region = found
             images.append(np.asarray(row["image"], np.uint8))
             masks.append(region.astype(np.uint8))
             products.append(self.context.products.index(row["product"]))
@@ -469,22 +463,8 @@ class DefectSynth(Generator):
     @torch.no_grad()
     def sample(self, n: int, conditions: Conditions, seed: int,
                options: SamplingOptions | None = None) -> GeneratedBatch:
-        if len(conditions) != n:
-            raise ValueError(f"sample: {n} requested, {len(conditions)} conditions")
-        if conditions.normal_image is None:
-            raise ValueError("defect-synth generates onto defect-free images: Conditions.normal_image "
-                             "(N,H,W,3 uint8) is required")
-        res = self.context.resolution
-        normal_np = np.asarray(conditions.normal_image)
-        if normal_np.dtype != np.uint8 or normal_np.shape != (n, res, res, 3):
-            raise ValueError(f"Conditions.normal_image must be uint8 ({n},{res},{res},3), got {normal_np.dtype} "
-                             f"{normal_np.shape}")
+        normal = self.normal_images(n, conditions)
         masks, sources, info = self.hmi_masks(conditions, seed, options)
-        normal = torch.from_numpy(normal_np.copy()).to(self.backbone.device).permute(0, 3, 1, 2).float() / 127.5 - 1
         images = self.synthesize(normal, masks, sources, list(conditions.product), list(conditions.defect), seed,
                                  options)
-        out = ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        labels = np.stack([masks[i] * self.context.class_id(p, d)
-                           for i, (p, d) in enumerate(zip(conditions.product, conditions.defect))]).astype(np.uint8)
-        return GeneratedBatch(out, labels, list(conditions.product), list(conditions.defect),
-                              extras={"method": "defect-synth", **info})
+        return self.pairs(images, masks, conditions, extras={"method": "defect-synth", **info})
