@@ -312,7 +312,7 @@ class AnomalyDiffusion(Generator):
         its mid-block attention and GroupNorm statistics), so there the background is decode of a
         latent that differs only inside the mask (a random tiny VAE in the tests moved it by 0.26
         on average in [-1, 1]; a trained SD VAE far less), as in the paper."""
-        from defectforge.nn.attention import AttentionControl, install
+        from defectforge.nn.attention import AttentionControl, controlled
 
         options, cfg = self._sampling(options)
         bb = self.backbone
@@ -326,10 +326,7 @@ class AnomalyDiffusion(Generator):
         # weight applies to the embedding tokens of the conditional half only.
         tokens = slots if uncond is None else torch.cat([slots, torch.zeros_like(slots)])
         control = AttentionControl(tokens=tokens) if cfg.aar == "paper" else None
-        before = dict(bb.unet.attn_processors)
-        if control is not None:
-            install(bb.unet, control)
-        try:
+        with controlled(bb.unet, control):
             sched = bb.make_scheduler(options.sampler, options.steps)
             z = torch.randn(y0.shape, generator=g).to(bb.device)
             steps = list(sched.timesteps)
@@ -347,9 +344,6 @@ class AnomalyDiffusion(Generator):
                 else:
                     background = y0
                 z = z * m_lat + background * (1 - m_lat)
-        finally:
-            if control is not None:
-                bb.unet.set_attn_processor(dict(before))
         images = bb.decode(z).clamp(-1, 1)
         return (images, z) if return_latent else images
 

@@ -410,7 +410,7 @@ class DefectSynth(Generator):
         """Images (B x 3 x H x W in [-1, 1]) generated inside ``masks`` on ``normal`` (module
         docstring, 2-4); with ``return_latent`` also the final latent (= encode(normal) outside
         the latent mask exactly)."""
-        from defectforge.nn.attention import AttentionControl, install
+        from defectforge.nn.attention import AttentionControl, controlled
 
         options, cfg = self._sampling(options)
         bb = self.backbone
@@ -429,11 +429,8 @@ class DefectSynth(Generator):
             tokens = self.defect_tokens(products, defects)
             control = AttentionControl(tokens=tokens if uncond is None else torch.cat([tokens,
                                                                                        torch.zeros_like(tokens)]))
-        before = dict(bb.unet.attn_processors)
-        if control is not None:
-            install(bb.unet, control)
         T = int(bb.noise_scheduler.config.num_train_timesteps)
-        try:
+        with controlled(bb.unet, control):
             sched = bb.make_scheduler(options.sampler, options.steps)
             z = torch.randn(y0.shape, generator=g).to(dev)
             steps = list(sched.timesteps)
@@ -452,9 +449,6 @@ class DefectSynth(Generator):
                 else:
                     region, background = m_lat, y0
                 z = z * region + background * (1 - region)
-        finally:
-            if control is not None:
-                bb.unet.set_attn_processor(dict(before))
         groups = list(zip(products, defects))
         z = sff(z, m_lat, groups, cfg.sff_rate, cfg.sff_self, g)
         images = bb.decode(z).clamp(-1, 1)

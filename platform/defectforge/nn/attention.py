@@ -25,6 +25,8 @@ mechanism; rows are deliberately *not* renormalised, which is what the papers' e
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -185,3 +187,18 @@ def install(model: torch.nn.Module, control: AttentionControl) -> int:
         raise ValueError("install: the model has no cross-attention layer with a classic diffusers processor")
     model.set_attn_processor(processors)  # (diffusers pops the entries it used)
     return count
+
+
+@contextmanager
+def controlled(model: torch.nn.Module, control: AttentionControl | None) -> Iterator[None]:
+    """``install`` for the duration of a ``with`` block (nothing when ``control`` is None), the
+    model's own processors put back after it, also when sampling fails."""
+    if control is None:
+        yield
+        return
+    before = dict(model.attn_processors)
+    install(model, control)
+    try:
+        yield
+    finally:
+        model.set_attn_processor(before)
