@@ -68,8 +68,12 @@ def remove_a_training_node():
         live = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "RayTrainWorker" in a.class_name]
         training_nodes.update(a.node_id for a in live)
         ckpts = list((out / "runs" / "sweeps" / "train").glob("*/checkpoint_*"))
-        # Once both nodes train at once (or after 5 minutes), remove one that holds a Train worker.
-        if ckpts and (len(training_nodes) >= 2 or time.time() - start > 300):
+        runs_with_ckpt = {c.parent for c in ckpts}
+        # Once both nodes train at once and both trainings have a checkpoint (so whichever node goes,
+        # its training can resume from one: waiting for any checkpoint raced, a trial lost before
+        # its first restarted from step 0), or after 5 minutes, remove one holding a Train worker.
+        both = len(training_nodes) >= 2 and len(runs_with_ckpt) >= 2
+        if ckpts and (both or time.time() - start > 300):
             for node in workers:
                 if any(a.node_id == node.node_id for a in live):
                     cluster.remove_node(node)
