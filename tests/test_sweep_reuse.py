@@ -89,13 +89,17 @@ def test_a_backbone_is_pretrained_once_per_study_and_trials_start_from_it(ray_se
 
     space = tmp_path.with_name(tmp_path.name + "-spaces") / "space.yaml"
     space.parent.mkdir(exist_ok=True)
+    # The trials differ in the method's own fields and in train.lr, the method stages' rate: with the
+    # backbone's own rate set (method.backbone_lr), neither changes the pretraining, so one is shared
+    # (a sweep over train.lr once pretrained per trial).
     space.write_text("method: anomaly-diffusion\nparameters:\n"
                      "  method.k: {type: categorical, choices: [1, 2]}\n"
-                     "points_to_evaluate:\n  - {method.k: 1}\n  - {method.k: 2}\n")
+                     "  train.lr: {type: categorical, choices: [1.0e-3, 5.0e-4]}\n"
+                     "points_to_evaluate:\n  - {method.k: 1, train.lr: 1.0e-3}\n  - {method.k: 2, train.lr: 5.0e-4}\n")
     overrides = [f"data.path={synth_root}", "data.products=[fabric]", f"tracking.run_root={tmp_path}",
                  f"sweep.space={space}", "sweep.num_trials=2", "sweep.name=pre", "sweep.scheduler=none",
                  "sweep.max_concurrent=2", "sweep.objective=kid_randfeat:min", "sweep.register_model=false",
-                 "method.backbone_steps=3", *TINY]
+                 "method.backbone_steps=3", "method.backbone_lr=1e-3", *TINY]
     cfg = resolve_config(method="anomaly-diffusion", preset="tiny", overrides=overrides)
     summary = sweep(cfg)
     [study] = summary["studies"]

@@ -129,17 +129,28 @@ def _pretrained_once(cfg: Any, spec: StudySpec, data: Any, trial_id: str, run_id
     """Train the method's pretraining stage once per study (``MethodConfigBase.pretraining``) and
     return the trial's config training the other stages from it.
 
-    The pretraining run is keyed by the data, ``train`` and only the method fields it depends on
-    (``reuse.training_key(..., method_fields)``), so trials that differ in anything else share
-    it; the same registry + done marker as every train-once run make concurrent trials wait for
+    The pretraining run is keyed by the data, ``train`` (with the stage's own steps, rate and
+    decay in place of ``train``'s where the method sets them) and only the method fields it
+    depends on (``reuse.training_key(..., method_fields)``), so trials that differ in anything
+    else share it; the same registry + done marker as every train-once run make concurrent trials wait for
     one another and a restored sweep find it done. It logs to one MLflow run of its own
     (``defectforge.kind`` = pretraining); each trial's run names it (tag ``defectforge.pretraining``)."""
+    import torch
+
     from defectforge.methods import registry
     from defectforge.sweep import mlflow_runs
     from defectforge.train.runner import fit_generator
 
     stage = pre["stage"]
-    pre_cfg = config_from_dict(deep_merge(cfg.to_dict(), {"train": {"stages": [stage], "init_from": None}}))
+    with torch.device("meta"):  # only its stages are needed: no weights (as train.runner.check_buildable)
+        gen = registry.get(cfg.method.name)(cfg.method, data.context)
+    [spec_stage] = [s for s in gen.stages() if s.name == stage]
+    # The stage's own steps / rate / decay replace train.*'s in the pretraining config: a trial's
+    # swept train.lr (the method's own stages' rate) must not key, and so repeat, a pretraining it
+    # does not change (measured: a DefectSynth sweep over train.lr pretrained once per trial).
+    own = {k: v for k, v in (("steps", spec_stage.steps), ("lr", spec_stage.lr),
+                             ("weight_decay", spec_stage.weight_decay)) if v is not None}
+    pre_cfg = config_from_dict(deep_merge(cfg.to_dict(), {"train": {"stages": [stage], "init_from": None, **own}}))
     key = reuse.training_key(pre_cfg, method_fields=list(pre["fields"]))
     name = f"{spec.name}-pre-{stage}-{key[:12]}"
 
@@ -160,10 +171,6 @@ def _pretrained_once(cfg: Any, spec: StudySpec, data: Any, trial_id: str, run_id
     import mlflow
 
     mlflow.MlflowClient(spec.uri).set_tag(run_id, "defectforge.pretraining", name)
-    import torch
-
-    with torch.device("meta"):  # only its stage names are needed: no weights (as train.runner.check_buildable)
-        gen = registry.get(cfg.method.name)(cfg.method, data.context)
     rest = [s.name for s in gen.stages() if s.name != stage]
     return config_from_dict(deep_merge(cfg.to_dict(), {"train": {
         "stages": rest, "init_from": str(Path(record["checkpoint"]) / "generator"),
