@@ -170,16 +170,16 @@ def sd_folder(tmp_path):
 @pytest.fixture(autouse=True)
 def _no_leaked_placement_groups(request):
     """After each test on the session's cluster, remove placement groups left CREATED by dead jobs
-    with nothing running in them (``cluster.remove_leaked_placement_groups`` at a limit Ray 2.60's
-    state API accepts). Why: a test that kills a sweep driver can leave a Train placement group
-    holding a CPU (seen: a DDP test then waited for 2 CPUs until CI was stopped); the detached
-    PlacementGroupCleaner of the dead job did not remove it. Best effort: never fails a test."""
+    with nothing running in them (``cluster.remove_leaked_placement_groups``). Why: a test that
+    kills a sweep driver can leave a Train placement group holding a CPU (seen: a DDP test then
+    waited for 2 CPUs until CI was stopped); the dead job's detached PlacementGroupCleaner did not
+    remove it. Best effort: never fails a test."""
     yield
     if "ray_session" not in request.fixturenames:
         return
     try:
         from defectforge.cluster import remove_leaked_placement_groups
 
-        remove_leaked_placement_groups(log=lambda msg: print(msg, flush=True), limit=10_000)
+        remove_leaked_placement_groups(log=lambda msg: print(msg, flush=True))
     except Exception as exc:  # a cleanup must never fail the test it follows
         print(f"[conftest] placement-group cleanup skipped: {type(exc).__name__}: {exc}", flush=True)

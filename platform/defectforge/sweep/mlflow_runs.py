@@ -138,6 +138,18 @@ def close_study_runs(uri: str, experiment: str, sweep_name: str,
     return changed
 
 
+def stop_reason(stopped_by: str, last: dict[str, Any]) -> str:
+    """The end reason of a scheduler-stopped trial: who stopped it, at which report, at what loss.
+
+    One wording for both closers (the Tune callback and the after-``fit`` sweep over the
+    ResultGrid, which closes what the callback did not reach), so a run's reason never depends on
+    which of the two got there first."""
+    where = f"training_iteration {last.get('training_iteration', '?')}"
+    if isinstance(last.get("loss"), (int, float)):
+        where += f", loss {last['loss']:.4g}"
+    return f"stopped by {stopped_by} at {where}"
+
+
 class CloseTrialRuns(Callback):
     """Tune callback that closes a trial's child run as soon as Tune ends the trial.
 
@@ -152,12 +164,8 @@ class CloseTrialRuns(Callback):
         self.uri, self.experiment, self.sweep_name, self.stopped_by = uri, experiment, sweep_name, stopped_by
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        where = f"training_iteration {last.get('training_iteration', '?')}"
-        if isinstance(last.get("loss"), (int, float)):
-            where += f", loss {last['loss']:.4g}"
         close_child(self.uri, self.experiment, self.sweep_name, trial.trial_id, "KILLED",
-                    f"stopped by {self.stopped_by} at {where}")
+                    stop_reason(self.stopped_by, trial.last_result or {}))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from defectforge.sweep.runner import _short_error

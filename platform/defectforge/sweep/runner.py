@@ -371,14 +371,17 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
             if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s", "gpu_hours", "node_id") \
                     or any(k == o.metric for o in objectives):
                 row[k] = v
+        row["last"] = {k: (res.metrics or {}).get(k) for k in ("training_iteration", "loss")}
         row["status"] = "error" if res.error else ("done" if all(o.metric in row for o in objectives) else "stopped")
         rows.append(row)
     # No child run outlives its trial: close what the callback could not (a restored sweep, a
     # callback-less sweep state, a trial lost with a killed driver), as the ResultGrid says.
     outcomes = {r["trial_id"]: {"done": ("FINISHED", "finished"),
                                 "error": ("FAILED", f"trial errored: {r['error']}"),
-                                "stopped": ("KILLED", f"stopped by {stopped_by}")}[r["status"]]
+                                "stopped": ("KILLED", mlflow_runs.stop_reason(stopped_by, r["last"]))}[r["status"]]
                 for r in rows if r["trial_id"]}
+    for r in rows:
+        r.pop("last")
     mlflow_runs.close_study_runs(spec.uri, spec.experiment, spec.name, outcomes)
     return rows
 
