@@ -74,3 +74,17 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "train.lr" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_methods_run_preset_layers_between_the_global_preset_and_the_user(tmp_path):
+    """DefectSynth's laptop preset reports every 100 steps (its ControlNet stage has 300); a config
+    file and an override still win over it, and other methods keep the global laptop value."""
+    assert resolve_config(method="defect-synth", preset="laptop").train.checkpoint_every == 100
+    assert resolve_config(method="defect-gen", preset="laptop").train.checkpoint_every == 200
+    assert resolve_config(method="defect-synth", preset="tiny").train.checkpoint_every == 100
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  checkpoint_every: 50\n")
+    assert resolve_config(method="defect-synth", preset="laptop",
+                          config_file=cfg_file).train.checkpoint_every == 50
+    assert resolve_config(method="defect-synth", preset="laptop",
+                          overrides=["train.checkpoint_every=7"]).train.checkpoint_every == 7

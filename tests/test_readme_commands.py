@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,8 @@ BIN = Path(sys.executable).parent
 BUDGET = {
     "train": ["train.steps=10", "train.checkpoint_every=5", "train.log_every=5"],
     "evaluate": ["evaluation.n_per_defect=4", "evaluation.segmentation=false"],
-    "sweep": ["--trials", "2", "train.steps=10", "evaluation.n_per_defect=4", "evaluation.segmentation=false",
-              "sweep.scheduler=none"],
+    "sweep": ["--trials", "1", "train.steps=10", "evaluation.n_per_defect=4", "evaluation.segmentation=false",
+              "sweep.scheduler=none", "data.products=[fabric]"],  # one study of one trial (~50 s of Ray overhead each)
 }
 
 # Methods whose presets fix their stages' steps (train.steps does not shorten them): their own budget.
@@ -126,7 +127,9 @@ def test_every_readme_command_runs_as_written(ray_session, tmp_path):
             continue
         argv = _with_budget(command)
         assert argv[0].endswith("defectforge"), f"README command neither run nor excused: {command!r}"
+        t0 = time.perf_counter()
         proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        print(f"[readme] {time.perf_counter() - t0:6.1f} s  {command}", flush=True)
         if command in EXPECTED_ERRORS:  # the README shows this one failing with a one-line error
             assert proc.returncode == 2 and EXPECTED_ERRORS[command] in proc.stderr, proc.stderr[-2000:]
             assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

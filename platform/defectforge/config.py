@@ -237,6 +237,14 @@ class MethodConfigBase(_Strict):
         """The method's part of preset ``name`` (overrides of its own fields)."""
         return {}
 
+    @classmethod
+    def run_preset(cls, name: str) -> dict[str, Any]:
+        """The method's changes to the run-wide sections (``train``, ``evaluation``, ...) of preset
+        ``name``, merged over the global preset and under a config file and overrides. For a
+        method whose stages fix their own steps, so that e.g. its reports (``train.checkpoint_every``:
+        a sweep scheduler's rungs) fall inside them. Default: none."""
+        return {}
+
     def pretraining(self) -> dict[str, Any] | None:
         """The stage a sweep trains once per study and every trial starts from, or None.
 
@@ -429,6 +437,7 @@ def resolve_config(
 
     tree: dict[str, Any] = {"preset": preset_name, "method": {"name": method_name}}
     tree = deep_merge(tree, _PRESET_VALUES[preset_name])
+    tree = deep_merge(tree, classes[method_name].run_preset(preset_name))
     tree["method"] = deep_merge(tree["method"], classes[method_name].preset(preset_name))
     source = None
     for layer, label in ((file_tree, str(config_file) if config_file else None), (extra, None),
