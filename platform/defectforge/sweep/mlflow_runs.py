@@ -144,7 +144,7 @@ def stop_reason(stopped_by: str, last: dict[str, Any]) -> str:
     One wording for both closers (the Tune callback and the after-``fit`` sweep over the
     ResultGrid, which closes what the callback did not reach), so a run's reason never depends on
     which of the two got there first."""
-    where = f"training_iteration {last.get('training_iteration', '?')}"
+    where = f"training_iteration {last.get('training_iteration') or '?'}"
     if isinstance(last.get("loss"), (int, float)):
         where += f", loss {last['loss']:.4g}"
     return f"stopped by {stopped_by} at {where}"
