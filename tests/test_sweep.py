@@ -330,7 +330,7 @@ def test_per_product_sweep_killed_three_times_runs_every_trial_once_on_its_own_p
     It is also the test of the uninterrupted 2-product sweep (acceptance 1): the last run trains
     each study's later trials after both studies registered their trainables, which is where the
     bug moved them to the other product. (A separate uninterrupted 2-product sweep test took 5 min
-    of CI and asserted a subset of this; it was folded in here to keep CI under 40 min.)"""
+    of CI and asserted a subset of this; it was folded in here to shorten CI.)"""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     job = Path(__file__).resolve().parents[1] / "jobs" / "sweep_defectgen.py"
     cmd = [sys.executable, str(job), "--data", str(synth_root), "--products", "fabric,metal", "--trials", "3",

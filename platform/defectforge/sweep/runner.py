@@ -362,26 +362,25 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
     finally:
         reuse.drop_registry(spec.name)
     rows = []
+    # No child run outlives its trial: close what the callback could not (a restored sweep, a
+    # callback-less sweep state, a trial lost with a killed driver), as the ResultGrid says.
+    outcomes: dict[str, tuple[str, str]] = {}
     for res in grid:
-        row = {"trial_id": res.metrics.get("trial_id") if res.metrics else None, "products": spec.products,
+        metrics = res.metrics or {}
+        row = {"trial_id": metrics.get("trial_id"), "products": spec.products,
                "study": spec.name, "error": _short_error(res.error)}
         row.update({k: v for k, v in (res.config or {}).items() if k in space.parameters})
         row["params"] = {k: v for k, v in (res.config or {}).items() if k in space.parameters}
-        for k, v in (res.metrics or {}).items():
+        for k, v in metrics.items():
             if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s", "gpu_hours", "node_id") \
                     or any(k == o.metric for o in objectives):
                 row[k] = v
-        row["last"] = {k: (res.metrics or {}).get(k) for k in ("training_iteration", "loss")}
         row["status"] = "error" if res.error else ("done" if all(o.metric in row for o in objectives) else "stopped")
         rows.append(row)
-    # No child run outlives its trial: close what the callback could not (a restored sweep, a
-    # callback-less sweep state, a trial lost with a killed driver), as the ResultGrid says.
-    outcomes = {r["trial_id"]: {"done": ("FINISHED", "finished"),
-                                "error": ("FAILED", f"trial errored: {r['error']}"),
-                                "stopped": ("KILLED", mlflow_runs.stop_reason(stopped_by, r["last"]))}[r["status"]]
-                for r in rows if r["trial_id"]}
-    for r in rows:
-        r.pop("last")
+        if row["trial_id"]:
+            outcomes[row["trial_id"]] = (("FINISHED", "finished") if row["status"] == "done" else
+                                         ("FAILED", f"trial errored: {row['error']}") if row["status"] == "error" else
+                                         ("KILLED", mlflow_runs.stop_reason(stopped_by, metrics)))
     mlflow_runs.close_study_runs(spec.uri, spec.experiment, spec.name, outcomes)
     return rows
 
