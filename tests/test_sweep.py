@@ -392,3 +392,17 @@ def test_child_runs_are_closed_as_tune_ended_their_trials(tmp_path):
     # A restarted trial reopens its run: the old end reason goes.
     again = mlflow_runs.child_run(uri, exp, "cl-fabric", parent, "stopped", {"products": "fabric"})
     assert again == runs["stopped"] and "defectforge.end_reason" not in client.get_run(again).data.tags
+
+
+@pytest.mark.parametrize(("overrides", "cpus"), [
+    ([], 1.0),                                                   # 1 Train worker, 1 map task
+    (["evaluation.num_actors=2"], 2.0),                          # the evaluation's two map tasks
+    (["train.scaling.num_workers=3", "evaluation.num_actors=2"], 3.0),  # DDP on 3 workers
+])
+def test_a_trials_peak_is_its_training_or_its_evaluations_map_tasks(overrides, cpus):
+    """Issue 12: a trial evaluating its own checkpoint needs no CPU beyond its map tasks, so the
+    laptop presets run two trials at a time on 2 CPUs (one more CPU made every sweep sequential)."""
+    from defectforge.sweep.runner import trial_resources
+
+    cfg = resolve_config("defect-synth", "laptop", None, overrides)
+    assert trial_resources(cfg) == {"CPU": cpus, "GPU": 0.0}
