@@ -200,9 +200,12 @@ def run_studies(specs: list[StudySpec], cfg: ConfigBase) -> list[list[dict[str, 
     trials at once (``sweep.max_concurrent``, else what the cluster holds at the trials' peak),
     each study getting its share of that concurrency. Returns each study's rows, in ``specs`` order.
 
-    Why not every study at once: a trial's evaluation is a Ray Data pipeline that needs whole CPUs
-    beside its actors; two studies' evaluations on a cluster that holds one starve each other's
-    read tasks for ever (seen on 2 CPUs: both products' first evaluations hung).
+    Why not every study at once: each study's Tune driver starts its own trials, which know
+    nothing of the other studies' CPU needs; more studies than the sweep's concurrency would
+    oversubscribe the cluster. (When evaluations still had decoding tasks upstream of an actor
+    pool, two studies' evaluations on a cluster that held one starved each other's read tasks for
+    ever: seen on 2 CPUs. On 2 CPUs today two studies run at once, one trial each:
+    ``runner.trial_resources``.)
     """
     import dataclasses
 
