@@ -377,18 +377,23 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
         metrics = res.metrics or {}
         row = {"trial_id": metrics.get("trial_id"), "products": spec.products,
                "study": spec.name, "error": _short_error(res.error)}
-        row.update({k: v for k, v in (res.config or {}).items() if k in space.parameters})
-        row["params"] = {k: v for k, v in (res.config or {}).items() if k in space.parameters}
+        params = {k: v for k, v in (res.config or {}).items() if k in space.parameters}
+        row.update(params)
+        row["params"] = params
         for k, v in metrics.items():
             if k in ("checkpoint_dir", "mlflow_run_id", "loss", "train_s", "eval_s", "gpu_hours", "node_id") \
                     or any(k == o.metric for o in objectives):
                 row[k] = v
         row["status"] = "error" if res.error else ("done" if all(o.metric in row for o in objectives) else "stopped")
         rows.append(row)
-        if row["trial_id"]:
-            outcomes[row["trial_id"]] = (("FINISHED", "finished") if row["status"] == "done" else
-                                         ("FAILED", f"trial errored: {row['error']}") if row["status"] == "error" else
-                                         ("KILLED", mlflow_runs.stop_reason(stopped_by, metrics)))
+        if not row["trial_id"]:
+            continue
+        if row["status"] == "done":
+            outcomes[row["trial_id"]] = ("FINISHED", "finished")
+        elif row["status"] == "error":
+            outcomes[row["trial_id"]] = ("FAILED", f"trial errored: {row['error']}")
+        else:  # the reason is worded from the trial's last metrics only for a stopped trial
+            outcomes[row["trial_id"]] = ("KILLED", mlflow_runs.stop_reason(stopped_by, metrics))
     mlflow_runs.close_study_runs(spec.uri, spec.experiment, spec.name, outcomes)
     return rows
 
