@@ -95,3 +95,27 @@ def test_gpu_hours_count_the_gpus_a_trial_held():
     # 2 Train workers x 1 GPU for 30 min + 1 actor x 0.5 GPU for 1 h
     assert gpu_hours(gpu, 1800.0, 3600.0) == pytest.approx(1.0 + 0.5)
 
+
+
+def test_a_sweep_removes_leaked_placement_groups_at_start_while_it_runs_and_at_the_end(monkeypatch):
+    """A killed driver's Train controller can reserve its placement group after the restored sweep
+    started: the cleanup must keep running while the sweep does, not only once at its start."""
+    import threading
+    import time
+
+    from defectforge import cluster
+
+    calls: list[float] = []
+    monkeypatch.setattr(cluster, "remove_leaked_placement_groups", lambda log=print: calls.append(time.monotonic()))
+    with cluster.removing_leaked_placement_groups(every_s=0.05):
+        assert len(calls) == 1  # at the start, before the block's work
+        deadline = time.monotonic() + 10
+        while len(calls) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 4  # again and again while the block runs
+        left = time.monotonic()
+    assert calls[-1] >= left  # a last pass as the block ends
+    n = len(calls)
+    time.sleep(0.2)
+    assert len(calls) == n  # the background thread stopped with the block
+    assert not any(t.name == "defectforge-pg-cleanup" for t in threading.enumerate())

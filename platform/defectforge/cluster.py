@@ -14,6 +14,9 @@ metrics, segmentation runs) need whole CPUs, so they are scheduled on the cluste
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -261,3 +264,32 @@ def remove_leaked_placement_groups(log=print, limit: int = 10_000) -> int:
             log(f"[cluster] removed placement group {pg_id} ({pg.get('bundles')}) left by dead job {pg_id[-8:]} "
                 "with nothing running in it (a killed driver's training)")
     return removed
+
+
+@contextmanager
+def removing_leaked_placement_groups(log=print, every_s: float = 15.0) -> Iterator[None]:
+    """``remove_leaked_placement_groups`` now and then every ``every_s`` seconds in a background
+    thread, for as long as the block runs (a sweep).
+
+    Why not only once at the start: a killed driver's Ray Train controller can outlive it by
+    seconds and reserve its placement group after the restored sweep's start-up cleanup has run
+    (its actors were still alive then, so it was rightly kept). Once they die, nothing else frees
+    those CPUs (seen in CI: the next job on the cluster waited for that CPU for ever; the likely
+    cause of a later CI timeout of the three-kill sweep test, whose restored run never finished).
+    Only dead jobs' groups with nothing running in them are removed, so calling it while trials
+    run is safe. A failing check is logged by the cleanup, never raised."""
+    stop = threading.Event()
+
+    def sweep_loop() -> None:
+        while not stop.wait(every_s):
+            remove_leaked_placement_groups(log)
+
+    remove_leaked_placement_groups(log)
+    thread = threading.Thread(target=sweep_loop, name="defectforge-pg-cleanup", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        remove_leaked_placement_groups(log)

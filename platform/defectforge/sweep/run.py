@@ -143,52 +143,48 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     uri = tracking.setup(cfg.tracking.uri, run_root, experiment, cfg.tracking.timeout_s)  # fails fast
     ensure_ray()
     check_shared_storage(storage, "sweep.storage_path")  # a multi-node cluster needs shared storage
-    from defectforge.cluster import remove_leaked_placement_groups
+    from defectforge.cluster import removing_leaked_placement_groups
 
-    # A killed earlier driver's trainings may still hold CPUs in placement groups nobody uses; a
-    # restored sweep on the same cluster would wait for them for ever.
-    remove_leaked_placement_groups(lambda msg: print(msg, flush=True))
+    # A killed earlier driver's trainings may still hold CPUs in placement groups nobody uses, or
+    # take them seconds after this driver starts; a restored sweep on the same cluster would wait
+    # for them for ever. So: at the start, every 15 s while the studies run, and at the end.
+    with removing_leaked_placement_groups(lambda msg: print(msg, flush=True)):
+        space_meta = {"source": str(space.source), "parameters": sorted(space.parameters),
+                      "points_to_evaluate": space.points_to_evaluate,
+                      "objectives": [o.__dict__ for o in objectives]}
+        parent_id = mlflow_runs.parent_run(uri, experiment, name, cfg.to_dict(), space_meta)
+        print(f"[sweep] {name}: {cfg.sweep.num_trials} trial(s) per study, {len(groups)} study(ies) over {products}, "
+              f"objective {', '.join(f'{o.metric} ({o.mode})' for o in objectives)}; MLflow parent run {parent_id}",
+              flush=True)
+        specs = [StudySpec(name=f"{name}-{g[0]}" if per_product else name, products=g,
+                           cfg=with_overrides(cfg, {"data.products": g}).to_dict(), space_source=str(space.source),
+                           storage=storage, uri=uri, experiment=experiment, parent_run_id=parent_id,
+                           objectives=objectives) for g in groups]
+        if len(specs) == 1:
+            rows_per_study = [run_study(specs[0])]
+        else:  # one Tune driver per product, as Ray tasks: concurrent when the cluster has room
+            rows_per_study = run_studies(specs, cfg)
 
-    space_meta = {"source": str(space.source), "parameters": sorted(space.parameters),
-                  "points_to_evaluate": space.points_to_evaluate,
-                  "objectives": [o.__dict__ for o in objectives]}
-    parent_id = mlflow_runs.parent_run(uri, experiment, name, cfg.to_dict(), space_meta)
-    print(f"[sweep] {name}: {cfg.sweep.num_trials} trial(s) per study, {len(groups)} study(ies) over {products}, "
-          f"objective {', '.join(f'{o.metric} ({o.mode})' for o in objectives)}; MLflow parent run {parent_id}",
-          flush=True)
-    specs = [StudySpec(name=f"{name}-{g[0]}" if per_product else name, products=g,
-                       cfg=with_overrides(cfg, {"data.products": g}).to_dict(), space_source=str(space.source),
-                       storage=storage, uri=uri, experiment=experiment, parent_run_id=parent_id,
-                       objectives=objectives) for g in groups]
-    if len(specs) == 1:
-        rows_per_study = [run_study(specs[0])]
-    else:  # one Tune driver per product, as Ray tasks: concurrent when the cluster has room
-        rows_per_study = run_studies(specs, cfg)
+        studies = []
+        for spec, rows in zip(specs, rows_per_study):
+            study: dict[str, Any] = {"name": spec.name, "products": spec.products, "trials": rows}
+            if len(objectives) == 1:
+                best = best_row([r for r in rows if r["status"] == "done"], objectives[0])
+                study["best"] = best
+                if best and cfg.sweep.register_model:
+                    mname = model_name(cfg.method.name, spec.products, per_product)
+                    version = mlflow_runs.register_best(uri, best["mlflow_run_id"], best["checkpoint_dir"], mname)
+                    study["registered_model"] = {"name": mname, "version": version, "alias": "best",
+                                                 "uri": f"models:/{mname}@best"}
+            else:
+                study["pareto_front"] = pareto_front([r for r in rows if r["status"] == "done"], objectives)
+            studies.append(study)
 
-    studies = []
-    for spec, rows in zip(specs, rows_per_study):
-        study: dict[str, Any] = {"name": spec.name, "products": spec.products, "trials": rows}
-        if len(objectives) == 1:
-            best = best_row([r for r in rows if r["status"] == "done"], objectives[0])
-            study["best"] = best
-            if best and cfg.sweep.register_model:
-                mname = model_name(cfg.method.name, spec.products, per_product)
-                version = mlflow_runs.register_best(uri, best["mlflow_run_id"], best["checkpoint_dir"], mname)
-                study["registered_model"] = {"name": mname, "version": version, "alias": "best",
-                                             "uri": f"models:/{mname}@best"}
-        else:
-            study["pareto_front"] = pareto_front([r for r in rows if r["status"] == "done"], objectives)
-        studies.append(study)
-
-    summary = {"sweep": name, "method": cfg.method.name, "objectives": [o.__dict__ for o in objectives],
-               "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_id, "storage": storage,
-               "studies": studies, "duration_s": time.perf_counter() - t0,
-               "ui_command": ui_command(uri, run_root)}
-    _log_parent(uri, parent_id, summary, objectives, run_root / "sweeps" / f"{name}-report")
-    # Once more at the end: a killed earlier driver's Train controller can outlive it by seconds
-    # and reserve its placement group after this sweep's start-up cleanup (seen in CI: the next
-    # job on the cluster then waited for that CPU for ever).
-    remove_leaked_placement_groups(lambda msg: print(msg, flush=True))
+        summary = {"sweep": name, "method": cfg.method.name, "objectives": [o.__dict__ for o in objectives],
+                   "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_id, "storage": storage,
+                   "studies": studies, "duration_s": time.perf_counter() - t0,
+                   "ui_command": ui_command(uri, run_root)}
+        _log_parent(uri, parent_id, summary, objectives, run_root / "sweeps" / f"{name}-report")
     if summary_json:
         Path(summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(summary_json).write_text(json.dumps(summary, indent=2, default=str))
