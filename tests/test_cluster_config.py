@@ -119,3 +119,17 @@ def test_a_sweep_removes_leaked_placement_groups_at_start_while_it_runs_and_at_t
     time.sleep(0.2)
     assert len(calls) == n  # the background thread stopped with the block
     assert not any(t.name == "defectforge-pg-cleanup" for t in threading.enumerate())
+
+
+def test_a_failing_placement_group_cleanup_is_logged_and_never_ends_the_sweep(monkeypatch):
+    from defectforge import cluster
+
+    def boom(log=print):
+        raise RuntimeError("the group was removed meanwhile")
+
+    monkeypatch.setattr(cluster, "remove_leaked_placement_groups", boom)
+    logged: list[str] = []
+    with pytest.raises(KeyError, match="the sweep's own error"):
+        with cluster.removing_leaked_placement_groups(log=logged.append, every_s=60):
+            raise KeyError("the sweep's own error")  # not masked by the failing cleanup at the end
+    assert len(logged) == 2 and all("cleanup failed (RuntimeError" in m for m in logged)
