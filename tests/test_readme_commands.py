@@ -113,6 +113,7 @@ def _with_budget(command: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a hang guard: 375 s in one full run here, 556 s in another (a slower day)
 def test_every_readme_command_runs_as_written(ray_session, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     env.pop("DEFECTFORGE_WEIGHTS", None)
