@@ -356,7 +356,7 @@ def test_per_product_sweep_killed_three_times_runs_every_trial_once_on_its_own_p
         proc.wait()
         history.append(sorted(d.name for d in train.glob("kt-*")))
 
-    # A hang guard, not a budget: the last run trains four tiny trials (437 s here on a slow day).
+    # A hang guard, not a budget: the last run trains the trials still to do (four, 437 s, in one run here).
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     detail = f"Train folders at each kill {history}\n{again.stdout[-5000:]}\n{again.stderr[-2000:]}"
     assert again.returncode == 0, detail
