@@ -96,7 +96,6 @@ def test_gpu_hours_count_the_gpus_a_trial_held():
     assert gpu_hours(gpu, 1800.0, 3600.0) == pytest.approx(1.0 + 0.5)
 
 
-
 def test_a_sweep_removes_leaked_placement_groups_at_start_while_it_runs_and_at_the_end(monkeypatch):
     """A killed driver's Train controller can reserve its placement group after the restored sweep
     started: the cleanup must keep running while the sweep does, not only once at its start."""
