@@ -42,7 +42,9 @@ level, as the official code does: ``token_embeddings(prompts)`` gives the rows, 
 them, ``encode_text(prompts, token_embeds=...)`` runs the text encoder on them (a forward hook on
 the encoder's token-embedding layer, the same for the folder's CLIP and the learned one).
 
-``arch: dit`` (DefectDiffu's DiT-XL/2) is not built yet: it comes with ``nn/dit.py`` (issue 17).
+``arch: dit`` (DefectDiffu's DiT-XL/2) is not wired in yet: its model, the segmented DiT with
+DiT weights loaded by key map, is ``nn/dit.py``; the backbone side (a ``transformer/`` + ``vae/``
+folder, pretraining a DiT here) comes with the DefectDiffu method (issue 17).
 """
 
 from __future__ import annotations
