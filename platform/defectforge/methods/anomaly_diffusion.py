@@ -168,22 +168,53 @@ class AnomalyDiffusion(Generator):
         self.backbone = Backbone(config.backbone, context.products, context.resolution)
         self.types = [(p, d) for p in context.products for d in context.classes[p]]
         self.type_index = {t: i for i, t in enumerate(self.types)}
-        table = self.backbone.text_encoder.get_input_embeddings()
-        dim = int(table.weight.shape[1])
-        with torch.no_grad():  # start every learned vector at the word "defect"'s mean token row
-            ids = self.backbone.tokenize(["defect"])[0]
-            keep = (ids != self.backbone.tokenizer.pad_token_id).float().unsqueeze(1)
-            init = (table(ids) * keep).sum(0) / keep.sum()  # (no boolean indexing: builds on the meta device)
-        g = torch.Generator().manual_seed(0)
-        jitter = 0.01 * init.norm() / dim**0.5
-
-        def near_init(rows: int) -> nn.Parameter:
-            return nn.Parameter(init + jitter * torch.randn(rows, dim, generator=g, device="cpu").to(init.device))
-
+        dim = int(self.backbone.text_encoder.get_input_embeddings().weight.shape[1])
+        init = self._word_row()
         self.anomaly = nn.ModuleDict({
-            "embeddings": nn.ParameterList([near_init(config.k) for _ in self.types]),
+            "embeddings": nn.ParameterList([nn.Parameter(v) for v in self._near_word(init, config.k, len(self.types))]),
             "encoder": SpatialEncoder(tuple(config.encoder_widths), dim, config.n, init)})
-        self.mask_embedding = nn.ParameterList([near_init(config.k_mask) for _ in self.types])
+        self.mask_embedding = nn.ParameterList([nn.Parameter(v) for v in
+                                                self._near_word(init, config.k_mask, len(self.types))])
+
+    @torch.no_grad()
+    def _word_row(self) -> torch.Tensor:
+        """The mean token row of the word "defect" in the text encoder's embedding table: where
+        every learned vector starts (textual inversion starts from a word; the official code's is
+        "crack")."""
+        table = self.backbone.text_encoder.get_input_embeddings()
+        ids = self.backbone.tokenize(["defect"])[0]
+        keep = (ids != self.backbone.tokenizer.pad_token_id).float().unsqueeze(1)
+        return (table(ids) * keep).sum(0) / keep.sum()  # (no boolean indexing: builds on the meta device)
+
+    @staticmethod
+    def _near_word(init: torch.Tensor, rows: int, count: int) -> list[torch.Tensor]:
+        """``count`` tensors of ``rows`` copies of ``init`` with a small seeded jitter (1 % of its
+        norm per dimension), so the vectors of a type do not start identical."""
+        g = torch.Generator().manual_seed(0)
+        dim = init.shape[-1]
+        jitter = 0.01 * init.norm() / dim**0.5
+        return [init + jitter * torch.randn(rows, dim, generator=g, device="cpu").to(init.device)
+                for _ in range(count)]
+
+    def begin_stage(self, stage: str) -> None:
+        """The stage's vectors restart at the word "defect" of the text encoder *as trained*.
+
+        Why: they are built with the model, before stage ``backbone`` trains the text encoder (or
+        before ``initialise`` copies a trained one in), so at construction "defect" is a row of a
+        random table; textual inversion must start from the word as the frozen encoder knows it.
+        Measured (README, "AnomalyDiffusion"): starting from the random table's row the trained
+        embeddings did no better than untrained ones."""
+        if stage not in (ANOMALY, MASK):
+            return
+        init = self._word_row()
+        with torch.no_grad():
+            if stage == ANOMALY:
+                for p, v in zip(self.anomaly["embeddings"], self._near_word(init, self.config.k, len(self.types))):
+                    p.copy_(v)
+                self.anomaly["encoder"].init.copy_(init.expand_as(self.anomaly["encoder"].init))
+            else:
+                for p, v in zip(self.mask_embedding, self._near_word(init, self.config.k_mask, len(self.types))):
+                    p.copy_(v)
 
     # ----------------------------------------------------------------------------- training
     def trainable_modules(self) -> dict[str, nn.Module]:
