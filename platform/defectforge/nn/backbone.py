@@ -42,9 +42,22 @@ level, as the official code does: ``token_embeddings(prompts)`` gives the rows, 
 them, ``encode_text(prompts, token_embeds=...)`` runs the text encoder on them (a forward hook on
 the encoder's token-embedding layer, the same for the folder's CLIP and the learned one).
 
-``arch: dit`` (DefectDiffu's DiT-XL/2) is not wired in yet: its model, the segmented DiT with
-DiT weights loaded by key map, is ``nn/dit.py``; the backbone side (a ``transformer/`` + ``vae/``
-folder, pretraining a DiT here) comes with the DefectDiffu method (issue 17).
+``arch: dit`` (DefectDiffu's DiT-XL/2, issue 17): the denoiser is ``nn/dit.py``'s
+``SegmentedDiT`` (``self.transformer``; no ``self.unet``), its block groups' sizes given by the
+method (``dit_groups``: only DefectDiffu knows what they mean, and only it builds a ``dit``
+backbone). Trained here it works on the same pixel-unshuffle latent with the same learned text
+encoder (patches of ``patch_size`` latent cells, ``dit_heads`` x ``dit_head_dim`` wide); from a
+folder it is ``transformer/`` (a diffusers ``DiTTransformer2DModel``, ``SegmentedDiT.from_diffusers``)
++ ``vae/`` + ``text_encoder/`` + ``tokenizer/`` (+ optional ``scheduler/``; without one, DiT's
+linear-beta epsilon schedule). Prompts reach it two ways (``encode_prompts``): token states (the
+defect blocks' cross-attention) and a *pooled* vector per prompt (each group's adaLN), which is the
+text encoder's ``pooler_output``: CLIP's end-of-text state after the final layer norm, the vector
+CLIP itself projects into its sentence embedding (the official code's prompts are that projection).
+With a causal encoder it is the only state that has seen every word; a mean over the token states
+would also average the padding positions (states of the same words, repeated up to
+``max_tokens``), so the prompt's length would change its weight.
+Pretraining (``pretraining_loss``) gives the caption as c_p, c_d and c_f alike: the defect type is
+never named here, and what the three groups learn apart comes from the method's own stage.
 """
 
 from __future__ import annotations
@@ -63,9 +76,11 @@ from defectforge.config import ConfigError, MethodConfigBase, _Strict
 #: Fields that fix the architecture trained here (a copied checkpoint must agree on all of them).
 ARCH_FIELDS = ("arch", "latent_downsample", "widths", "layers_per_block", "attention_resolution",
                "attention_head_dim", "norm_num_groups", "text_dim", "text_layers", "text_heads", "max_tokens",
-               "num_train_timesteps", "beta_schedule", "prediction_type")
+               "num_train_timesteps", "beta_schedule", "prediction_type", "patch_size", "dit_heads", "dit_head_dim",
+               "mask_head_channels")
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
+DIT_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 MASK_CAPTION = "a defect mask"
 
 
@@ -75,7 +90,8 @@ class BackboneConfig(_Strict):
     path: str | None = Field(None, description="null = train here (stage 'backbone'); a diffusers SD-1.x folder "
                                                "(unet/, vae/, text_encoder/, tokenizer/) = frozen, loaded from it; "
                                                "a defectforge checkpoint with a 'backbone' module = copied from it")
-    arch: Literal["unet"] = Field("unet", description="unet (SD layout); dit comes with DefectDiffu")
+    arch: Literal["unet", "dit"] = Field("unet", description="unet (SD layout) or dit (DefectDiffu's segmented DiT; "
+                                                             "folder: transformer/, vae/, text_encoder/, tokenizer/)")
     latent_downsample: Literal[1, 2, 4] = Field(2, description="trained here: exact pixel-unshuffle factor")
     widths: tuple[int, ...] = Field((64, 128, 128), description="UNet channels per level (trained here)")
     layers_per_block: int = Field(1, ge=1)
@@ -86,6 +102,11 @@ class BackboneConfig(_Strict):
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(4, ge=1)
     max_tokens: int = Field(48, ge=8, description="prompt length in byte tokens (longer prompts are cut)")
+    patch_size: Literal[1, 2, 4] = Field(2, description="dit trained here: latent cells per patch side")
+    dit_heads: int = Field(4, ge=1, description="dit trained here: attention heads per block")
+    dit_head_dim: int = Field(32, ge=1, description="dit trained here: width per head (block width = heads x this)")
+    mask_head_channels: int = Field(64, ge=1, description="dit: hidden channels of the mask head (a new layer, also "
+                                                          "with a folder's DiT)")
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
@@ -180,11 +201,17 @@ class Backbone(nn.Module):
     ``products``: the run's product names (for captions). ``resolution``: the image size.
     """
 
-    def __init__(self, config: BackboneConfig, products: tuple[str, ...], resolution: int) -> None:
+    def __init__(self, config: BackboneConfig, products: tuple[str, ...], resolution: int,
+                 dit_groups: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         from diffusers import DDPMScheduler
 
         self.config, self.products, self.resolution = config, tuple(products), int(resolution)
+        if (config.arch == "dit") != (dit_groups is not None):
+            raise ConfigError("method.backbone.arch: 'dit' is DefectDiffu's segmented DiT and needs its block groups "
+                              "(background, defect, fusion); this method builds arch 'unet'"
+                              if config.arch == "dit" else "DiT block groups given for a 'unet' backbone")
+        self.dit_groups = None if dit_groups is None else tuple(int(g) for g in dit_groups)
         path = Path(config.path) if config.path else None
         self.source = "trained" if path is None else ("copied" if is_defectforge_checkpoint(path) else "folder")
         self.vae: nn.Module | None = None
@@ -202,7 +229,6 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------------------- building
     def _build(self) -> None:
         from diffusers import UNet2DConditionModel
-        from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
 
         from defectforge.nn.unets import _check_widths, check_divisible
 
@@ -212,6 +238,10 @@ class Backbone(nn.Module):
             raise ConfigError(f"method.backbone.latent_downsample={f} does not divide "
                               f"data.resolution={self.resolution}")
         size = self.resolution // f
+        if c.arch == "dit":
+            self._build_dit(size, 3 * f * f)
+            self._build_text()
+            return
         levels = len(c.widths)
         check_divisible(size, levels - 1, "method.backbone.widths (levels)")
         widths = _check_widths(c.widths, levels, c.norm_num_groups, "method.backbone.widths")
@@ -226,6 +256,12 @@ class Backbone(nn.Module):
             sample_size=size, in_channels=channels, out_channels=channels, down_block_types=down,
             up_block_types=up, block_out_channels=widths, layers_per_block=c.layers_per_block,
             cross_attention_dim=c.text_dim, attention_head_dim=c.attention_head_dim, norm_num_groups=c.norm_num_groups)
+        self._build_text()  # after the UNet: the order of random draws (and so every unet weight) as before
+
+    def _build_text(self) -> None:
+        from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
+
+        c = self.config
         self.tokenizer = ByT5Tokenizer()
         self.text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(self.tokenizer), hidden_size=c.text_dim, intermediate_size=4 * c.text_dim,
@@ -234,31 +270,70 @@ class Backbone(nn.Module):
             bos_token_id=self.tokenizer.pad_token_id))
         self.max_tokens = c.max_tokens
 
+    def _build_dit(self, size: int, channels: int) -> None:
+        """The segmented DiT on the ``size``-cell pixel-unshuffle latent (``channels`` = 3 f^2)."""
+        from defectforge.nn.dit import DiTConfig, SegmentedDiT
+
+        c = self.config
+        if size % c.patch_size:
+            raise ConfigError(f"method.backbone.patch_size={c.patch_size} does not divide the {size}-cell latent")
+        n, m, k = self.dit_groups
+        try:
+            cfg = DiTConfig(sample_size=size, in_channels=channels, patch_size=c.patch_size,
+                            num_attention_heads=c.dit_heads, attention_head_dim=c.dit_head_dim, background_blocks=n,
+                            defect_blocks=m, fusion_blocks=k, text_dim=c.text_dim,
+                            mask_head_channels=c.mask_head_channels)
+        except ValueError as exc:
+            raise ConfigError(f"method.backbone (dit): {exc}") from None
+        self.transformer = SegmentedDiT(cfg)
+
     def _load_folder(self, path: Path) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        dit = self.config.arch == "dit"
+        parts = DIT_PARTS if dit else SD_PARTS
+        layout = "DiT layout" if dit else "Stable-Diffusion-1.x layout"
         if not path.is_dir():
             raise ConfigError(f"method.backbone.path: {path} is not a folder")
-        absent = [p for p in SD_PARTS if not (path / p).is_dir()]
+        absent = [p for p in parts if not (path / p).is_dir()]
         if absent:
             raise ConfigError(f"method.backbone.path: {path} lacks {', '.join(p + '/' for p in absent)} "
-                              f"(a Stable-Diffusion-1.x layout has {', '.join(p + '/' for p in SD_PARTS)})")
-        for part in ("unet", "vae", "text_encoder"):
+                              f"(a {layout} has {', '.join(p + '/' for p in parts)})")
+        for part in parts[:3]:
             if not (path / part / "config.json").is_file():
                 raise ConfigError(f"method.backbone.path: {path / part / 'config.json'} is missing")
-        self.unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        if not dit:  # first, as before arch dit existed (the modules' order, so the state dict's, unchanged)
+            self.unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
         self.vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
         self.text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
-        for part, model in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+        if dit:
+            from defectforge.nn.dit import SegmentedDiT
+
+            n, m, k = self.dit_groups
+            try:  # its own strict key check (an extra or missing DiT key fails naming it)
+                self.transformer = SegmentedDiT.from_diffusers(
+                    path / "transformer", background_blocks=n, defect_blocks=m, fusion_blocks=k,
+                    text_dim=int(self.text_encoder.config.hidden_size),
+                    mask_head_channels=self.config.mask_head_channels)
+            except ValueError as exc:
+                raise ConfigError(f"method.backbone.path: {path / 'transformer'}: {exc}") from None
+            models = (("vae", self.vae), ("text_encoder", self.text_encoder))
+        else:
+            models = (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder))
+        for part, model in models:
             check_keys(model, path / part)
         self.tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         self.max_tokens = int(self.tokenizer.model_max_length)
         sched = path / "scheduler" / "scheduler_config.json"
-        self.noise_scheduler = (DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
-                                if sched.is_file() else
-                                DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                              num_train_timesteps=1000, prediction_type="epsilon"))
+        if sched.is_file():
+            self.noise_scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+        elif dit:  # DiT's own schedule (its paper / diffusers' DiTPipeline): linear betas, epsilon
+            self.noise_scheduler = DDPMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                                                 num_train_timesteps=1000, prediction_type="epsilon")
+        else:
+            self.noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                 num_train_timesteps=1000, prediction_type="epsilon")
         self.requires_grad_(False)
 
     def initialise(self) -> None:
@@ -313,7 +388,14 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------------------- latents
     @property
+    def denoiser(self) -> nn.Module:
+        """The UNet (``arch: unet``) or the segmented DiT (``arch: dit``)."""
+        return self.transformer if self.config.arch == "dit" else self.unet
+
+    @property
     def latent_channels(self) -> int:
+        if self.config.arch == "dit":
+            return int(self.transformer.config.in_channels)
         return int(self.unet.config.in_channels)
 
     @property
@@ -388,6 +470,12 @@ class Backbone(nn.Module):
             if handle is not None:
                 handle.remove()
 
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B x L x D token states, B x D pooled vectors) of ``prompts``: the pooled vector is the
+        text encoder's ``pooler_output`` (module docstring: why not a mean of the states)."""
+        out = self.text_encoder(input_ids=self.tokenize(prompts))
+        return out.last_hidden_state, out.pooler_output
+
     def token_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """B x L x D rows of the text encoder's token-embedding table for ``prompts`` (to edit and
         pass back to ``encode_text``: textual inversion's splice point)."""
@@ -401,7 +489,7 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------------------ denoising
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, text_states: torch.Tensor, **extra: Any) -> torch.Tensor:
         """The UNet's prediction (``noise_scheduler.config.prediction_type``); ``extra`` goes to the
@@ -483,9 +571,19 @@ class Backbone(nn.Module):
         noise = torch.randn_like(z0)
         t = torch.randint(0, int(self.noise_scheduler.config.num_train_timesteps), (n,), device=dev)
         z_t = self.noise_scheduler.add_noise(z0, noise, t)
-        pred = self.denoise(z_t, t, self.encode_text(prompts))
+        if self.config.arch == "dit":  # the caption is c_p, c_d and c_f alike (module docstring)
+            states, pooled = self.encode_prompts(prompts)
+            pred = self.transformer(z_t, t, {"background": pooled, "defect": pooled, "fusion": pooled},
+                                    states, mask_tokens=self.any_tokens(states.shape[1])).sample
+        else:
+            pred = self.denoise(z_t, t, self.encode_text(prompts))
         loss = F.mse_loss(pred.float(), self.target(z0, noise, t).float())
         return {"loss": loss, "backbone_mse": loss.detach()}
+
+    def any_tokens(self, length: int) -> torch.Tensor:
+        """A valid ``mask_tokens`` choice where the mask head's output is not used (pretraining):
+        the first token (the states are all attended, padding included, as the UNet's are)."""
+        return torch.arange(length, device=self.device) == 0
 
     # -------------------------------------------------------------------------------- sampling
     @torch.no_grad()
