@@ -37,6 +37,32 @@ def test_stages_and_modules():
     assert gen.config.trains_on_good()
 
 
+def test_embeddings_restart_at_the_trained_word_when_their_stage_starts():
+    """The vectors are built before stage backbone trains the text encoder; each stage restarts
+    its own at the word "defect" as the encoder knows it then (textual inversion's starting word)."""
+    gen = _gen()
+    table = gen.backbone.text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        table.weight.add_(torch.randn(table.weight.shape, generator=torch.Generator().manual_seed(3)))
+    ids = gen.backbone.tokenize(["defect"])[0]
+    word = table.weight[ids[ids != gen.backbone.tokenizer.pad_token_id]].mean(0)
+    before_mask = [p.detach().clone() for p in gen.mask_embedding]
+
+    def off(vectors: torch.Tensor) -> float:
+        return float((vectors - word).abs().max())
+
+    assert off(gen.anomaly["embeddings"][0]) > 0.5  # built from the table before it "trained"
+    gen.begin_stage("anomaly")
+    spread = 0.05 * float(word.norm())  # the seeded jitter: 1 % of the norm per dimension, a few sigma
+    assert all(off(p) < spread for p in gen.anomaly["embeddings"])
+    assert torch.equal(gen.anomaly["encoder"].init, word.expand_as(gen.anomaly["encoder"].init))
+    assert all(torch.equal(a, b) for a, b in zip(gen.mask_embedding, before_mask))  # not its stage
+    gen.begin_stage("mask")
+    assert all(off(p) < spread for p in gen.mask_embedding)
+    gen.begin_stage("backbone")  # other stages leave the vectors alone
+    assert all(off(p) < spread for p in gen.mask_embedding)
+
+
 @pytest.mark.parametrize("stage", ["anomaly", "mask"])
 def test_only_the_stages_modules_get_gradients(stage):
     from defectforge.train.loop import _set_trainable
