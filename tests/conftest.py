@@ -37,6 +37,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_MT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """One intra-op thread for the test (then the previous count again): on this shared 2-CPU box
+    OpenMP spin-waiting with 2 threads makes small convolutions ~5x slower, other test processes
+    share the cores, and Ray tasks run with one thread per CPU anyway. Modules that want it say
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """The built-in synthetic dataset (2 products, 64 px), generated once per session."""

@@ -25,12 +25,7 @@ CTX = GeneratorContext(("fabric", "tile"), {"fabric": ("hole", "scratch"), "tile
 OPTIONS = SamplingOptions(sampler="ddim", steps=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py says why
 
 
 def _gen(*overrides: str, ctx: GeneratorContext = CTX) -> DefectDiffu:

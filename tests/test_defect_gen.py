@@ -28,13 +28,7 @@ from defectforge.nn.unets import count_downsamplings
 CTX = GeneratorContext(products=("p",), classes={"p": ("hole", "scratch")}, resolution=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Other test processes share the 2 cores; one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py says why
 
 
 def make(*overrides: str, context: GeneratorContext = CTX, seed: int = 0):

@@ -13,15 +13,7 @@ from defectforge.evaluate import segmentation as seg
 from defectforge.evaluate.seg_metrics import f1_max, iou_at, segmentation_metrics, subsample_pixels
 from defectforge.evaluate.segmenter import SegUNet
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on this shared 2-CPU box OpenMP spin-waiting with 2 threads makes the
-    small convs ~5x slower; Ray tasks run with one thread per CPU anyway."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py says why
 
 
 def make_row(i: int, defect: str = "scratch", split: str = "train", size: int = 32,

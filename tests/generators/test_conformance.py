@@ -78,12 +78,7 @@ def _conditions(gen, products: list[str], defects: list[str]) -> Conditions:
 FAST = SamplingOptions(steps=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py says why
 
 
 @pytest.mark.parametrize("method", METHODS)

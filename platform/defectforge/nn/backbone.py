@@ -394,9 +394,7 @@ class Backbone(nn.Module):
 
     @property
     def latent_channels(self) -> int:
-        if self.config.arch == "dit":
-            return int(self.transformer.config.in_channels)
-        return int(self.unet.config.in_channels)
+        return int(self.denoiser.config.in_channels)  # the UNet's config and DiTConfig both have it
 
     @property
     def latent_size(self) -> int:
