@@ -21,6 +21,8 @@ Without ``--checkpoint`` a Crop-Paste checkpoint is built from the data's few-sh
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import sys
 import tempfile
 import time
@@ -209,7 +211,10 @@ def reference_sets(real: dict) -> dict:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="laptop", choices=("tiny", "laptop", "paper"))
     p.add_argument("--method", default="defect-gen")
-    p.add_argument("--steps", type=int, default=12, help="timed training steps (after 3 warm-up steps)")
+    p.add_argument("--steps", type=int, default=12, help="timed training steps per round (after 3 warm-up steps)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of (steps, matmul) timed alternately; the figures are the medians of the rounds' "
+                        "rates, so both see the same machine (a shared host's speed drifts within minutes)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a sweep trial gets 1)")
     p.add_argument("--channels-last", action="store_true", help="model and batches in channels-last memory format")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -246,7 +251,10 @@ def bench_train(args: argparse.Namespace) -> dict:
     gen = build_generator(cfg.method, data.context)
     stage = gen.stages()[0]
     params = [p for p in gen.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+    # The optimiser training builds (methods/base.py: fused AdamW), at the stage's rate.
+    opt = gen.configure_optimizer(dataclasses.replace(
+        stage, lr=stage.lr if stage.lr is not None else cfg.train.lr,
+        weight_decay=stage.weight_decay if stage.weight_decay is not None else cfg.train.weight_decay), params)
     batches = StepBatches(rows_to_tensors(data.rows, data.context), cfg.train.batch_size, 0, 0)
 
     if args.channels_last:
@@ -268,18 +276,30 @@ def bench_train(args: argparse.Namespace) -> dict:
     flops = counter.get_total_flops()
     for i in range(1, 3):
         step(i)
-    t0 = time.perf_counter()
-    for i in range(3, 3 + args.steps):
-        step(i)
-    per_step = (time.perf_counter() - t0) / args.steps
-    matmul = _matmul_rate(args.threads)
+    # Alternate the two measurements: on a shared host the attainable rate drifts by 2-3x within
+    # minutes (2026-12-01 here: matmul 54-67 GFLOP/s, earlier runs 161-193), so a step timed first
+    # and a matmul timed after can disagree by more than the figure being measured. Each round
+    # gives one fraction from rates measured seconds apart; the medians are reported.
+    per_steps, matmuls, fractions = [], [], []
+    i = 3
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(i)
+            i += 1
+        per_steps.append((time.perf_counter() - t0) / args.steps)
+        matmuls.append(_matmul_rate(args.threads))
+        fractions.append(flops / per_steps[-1] / 1e9 / matmuls[-1])
+    per_step, matmul, fraction = (statistics.median(v) for v in (per_steps, matmuls, fractions))
     achieved = flops / per_step / 1e9
     figures = {"preset": args.preset, "threads": args.threads, "channels_last": args.channels_last,
-               "step_s": per_step, "gflop_per_step": flops / 1e9,
-               "achieved_gflops": achieved, "matmul_gflops": matmul, "fraction_of_matmul": achieved / matmul}
-    print(f"[benchmark] train {args.method}/{args.preset}, batch {cfg.train.batch_size}, {args.threads} thread(s): "
-          f"{per_step:.3f} s/step, {flops / 1e9:.2f} GFLOP/step -> {achieved:.1f} GFLOP/s; "
-          f"matmul {matmul:.1f} GFLOP/s; fraction of matmul rate {achieved / matmul:.2f}")
+               "rounds": args.rounds, "step_s": per_step, "gflop_per_step": flops / 1e9,
+               "achieved_gflops": achieved, "matmul_gflops": matmul, "fraction_of_matmul": fraction,
+               "fraction_per_round": fractions}
+    print(f"[benchmark] train {args.method}/{args.preset}, batch {cfg.train.batch_size}, {args.threads} thread(s), "
+          f"medians of {args.rounds} rounds: {per_step:.3f} s/step, {flops / 1e9:.2f} GFLOP/step -> "
+          f"{achieved:.1f} GFLOP/s; matmul {matmul:.1f} GFLOP/s; fraction of matmul rate {fraction:.2f} "
+          f"(rounds: {', '.join(f'{f:.2f}' for f in fractions)})")
     return figures
 
 

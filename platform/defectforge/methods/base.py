@@ -276,10 +276,14 @@ class Generator(nn.Module, ABC):
     def configure_optimizer(self, stage: Stage, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The optimiser of ``stage`` over ``params`` (the trainable parameters of its modules).
 
-        Default: AdamW at ``stage.lr`` with ``stage.weight_decay`` (both filled in by the loop).
+        Default: AdamW at ``stage.lr`` with ``stage.weight_decay`` (both filled in by the loop),
+        ``fused``: one kernel over all parameters instead of torch's default on CPU, a Python loop
+        of ~6 small ops per tensor (issue 12, measured here on the laptop Defect-Gen's 420 tensors,
+        3.1 M parameters: 7.5-8.5 ms per step against 30-44 ms, ~8 % of a training step). Same
+        update up to float rounding; torch supports it on CPU and CUDA.
         Override for parameter groups (e.g. a new head at a higher rate than a fine-tuned body):
         every group must keep its ``lr`` as the base rate, the loop's warm-up scales it."""
-        return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay or 0.0)
+        return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay or 0.0, fused=True)
 
     def prepare_from_data(self, rows: list[dict[str, Any]]) -> None:
         """Hook run on every worker before the first stage with that worker's training rows.
