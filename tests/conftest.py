@@ -91,7 +91,10 @@ def ray_head(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     port, dash = _free_port(), _free_port()
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    from defectforge.cluster import IDLE_WORKERS_ENV, idle_worker_limit
+
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           IDLE_WORKERS_ENV: os.environ.get(IDLE_WORKERS_ENV, str(idle_worker_limit(2)))}  # as cluster.yaml's nodes
     cmd = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
            "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
            "--disable-usage-stats"]
