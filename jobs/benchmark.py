@@ -21,7 +21,6 @@ Without ``--checkpoint`` a Crop-Paste checkpoint is built from the data's few-sh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -243,6 +242,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     from defectforge.config import resolve_config
     from defectforge.methods.base import build_generator
     from defectforge.train.data import StepBatches, load_training_data, rows_to_tensors
+    from defectforge.train.loop import stage_optimizer
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,10 +251,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     gen = build_generator(cfg.method, data.context)
     stage = gen.stages()[0]
     params = [p for p in gen.parameters() if p.requires_grad]
-    # The optimiser training builds (methods/base.py: fused AdamW), at the stage's rate.
-    opt = gen.configure_optimizer(dataclasses.replace(
-        stage, lr=stage.lr if stage.lr is not None else cfg.train.lr,
-        weight_decay=stage.weight_decay if stage.weight_decay is not None else cfg.train.weight_decay), params)
+    opt = stage_optimizer(gen, stage, params, cfg.train)  # the optimiser training builds
     batches = StepBatches(rows_to_tensors(data.rows, data.context), cfg.train.batch_size, 0, 0)
 
     if args.channels_last:

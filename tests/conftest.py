@@ -93,10 +93,11 @@ def ray_head(tmp_path_factory):
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     from defectforge.cluster import IDLE_WORKERS_ENV, idle_worker_limit
 
+    cpus = 2
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           IDLE_WORKERS_ENV: os.environ.get(IDLE_WORKERS_ENV, str(idle_worker_limit(2)))}  # as cluster.yaml's nodes
+           IDLE_WORKERS_ENV: os.environ.get(IDLE_WORKERS_ENV, str(idle_worker_limit(cpus)))}  # as cluster.yaml's
     cmd = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-           "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0", "--include-dashboard=true",
            "--disable-usage-stats"]
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)

@@ -35,6 +35,7 @@ from defectforge.methods.base import (
     Generator,
     GeneratorContext,
     SamplingOptions,
+    Stage,
     build_generator,
     read_checkpoint_meta,
     select_stages,
@@ -69,6 +70,16 @@ def _stage_params(gen: Generator, modules: tuple[str, ...]) -> list[torch.nn.Par
     if unknown:
         raise KeyError(f"stage names modules {unknown} that trainable_modules() does not have")
     return [p for m in modules for p in trainable[m].parameters()]
+
+
+def stage_optimizer(gen: Generator, stage: Stage, params: list[torch.nn.Parameter], tc: Any) -> torch.optim.Optimizer:
+    """The method's optimiser for ``stage`` (``Generator.configure_optimizer``) at the stage's own
+    rate and decay, None = ``train.lr`` / ``train.weight_decay`` (``tc``: the ``train`` config).
+    One place, so what ``jobs/benchmark.py train`` times is what training builds."""
+    return gen.configure_optimizer(
+        dataclasses.replace(stage, lr=stage.lr if stage.lr is not None else tc.lr,
+                            weight_decay=stage.weight_decay if stage.weight_decay is not None else tc.weight_decay),
+        params)
 
 
 def _set_trainable(gen: Generator, modules: tuple[str, ...]) -> None:
@@ -219,11 +230,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(gen) if world > 1 else gen
         batches = StepBatches(tensors, tc.batch_size, tc.seed, rank, cfg.data.augment_flip, rows=stage.rows,
                               stage=stage.name)
-        # The stage's own rate and decay (None = train.*); the method builds the optimiser.
-        optimizer = gen.configure_optimizer(
-            dataclasses.replace(stage, lr=stage.lr if stage.lr is not None else tc.lr,
-                                weight_decay=stage.weight_decay if stage.weight_decay is not None else tc.weight_decay),
-            params)
+        optimizer = stage_optimizer(gen, stage, params, tc)
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])  # the warm-up scales each group's own rate
         ema = _ema(params, tc.ema_decay) if tc.ema_decay else None
