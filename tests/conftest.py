@@ -201,3 +201,47 @@ def _no_leaked_placement_groups(request):
         remove_leaked_placement_groups(log=lambda msg: print(msg, flush=True))
     except Exception as exc:  # a cleanup must never fail the test it follows
         print(f"[conftest] placement-group cleanup skipped: {type(exc).__name__}: {exc}", flush=True)
+
+
+# ------------------------------------------------- laptop backbones pretrained once (quality tests)
+@dataclass(frozen=True)
+class PretrainedBackbone:
+    cfg: object  # the ConfigBase it was trained with
+    checkpoint: Path  # generator folder (holds the ``backbone`` module)
+    data: Path
+
+
+@pytest.fixture(scope="session")
+def synth128_root(tmp_path_factory) -> Path:
+    """The built-in dataset as the laptop presets use it: `data synth`'s defaults (2 products drawn
+    at 128 px, loaded at the preset's 64 px; drawn at 64 px a scratch is one pixel wide)."""
+    from defectforge.data.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("synth128") / "data", seed=0, size=128, products=2)
+
+
+def _pretrain(method: str, products: list[str], root: Path, out: Path, extra: list[str]) -> PretrainedBackbone:
+    """Stage ``backbone`` alone (``train.stages=[backbone]``) at the method's laptop preset, through
+    the real training path."""
+    from defectforge.config import resolve_config
+    from defectforge.train.runner import train
+
+    cfg = resolve_config(method=method, preset="laptop", overrides=[
+        f"data.path={root}", f"data.products=[{','.join(products)}]", f"tracking.run_root={out}",
+        "train.stages=[backbone]", *extra])
+    [outcome] = train(cfg, out / "runs", log_to_mlflow=False)
+    assert outcome.ok, outcome.error
+    return PretrainedBackbone(cfg=cfg, checkpoint=Path(outcome.checkpoint), data=root)
+
+
+@pytest.fixture(scope="session")
+def laptop_unet_backbone(ray_session, synth128_root, tmp_path_factory) -> PretrainedBackbone:
+    """The laptop ``unet`` backbone (AnomalyDiffusion's and DefectSynth's), pretrained on fabric."""
+    return _pretrain("anomaly-diffusion", ["fabric"], synth128_root, tmp_path_factory.mktemp("bb-unet"), [])
+
+
+@pytest.fixture(scope="session")
+def laptop_dit_backbone(ray_session, synth128_root, tmp_path_factory) -> PretrainedBackbone:
+    """The laptop ``dit`` backbone (DefectDiffu's), pretrained on both products at once."""
+    return _pretrain("defect-diffu", ["fabric", "metal"], synth128_root, tmp_path_factory.mktemp("bb-dit"),
+                     ["train.mode=multi-product"])

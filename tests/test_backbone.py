@@ -199,3 +199,78 @@ def test_bad_sizes_fail_naming_the_field():
         Backbone(BackboneConfig(**{**BACKBONE_PRESETS["tiny"], "attention_resolution": 2}), PRODUCTS, 32)
     with pytest.raises(ValueError, match="text_heads"):
         BackboneConfig(text_dim=30, text_heads=4)
+
+
+def test_dit_backbone_draws_from_captions_with_guidance_by_hand(monkeypatch):
+    """``generate`` works for ``arch: dit`` too (the pretraining check draws from both archs): the
+    caption reaches the DiT as pretraining gives it, and guidance is u + g (c - u) of one batched
+    call of [caption; empty caption] per step."""
+    torch.manual_seed(0)
+    b = Backbone(BackboneConfig(**{**BACKBONE_PRESETS["tiny"], "arch": "dit"}), PRODUCTS, 32, dit_groups=(1, 1, 1))
+    with torch.no_grad():  # the prompt projections start at zero (the caption would not matter yet)
+        for p in b.transformer.prompt_proj.parameters():
+            p.normal_(0, 0.2)
+    a1 = b.generate(["a photo of fabric"] * 2, seed=3, steps=3)
+    a2 = b.generate(["a photo of fabric"] * 2, seed=3, steps=3)
+    assert a1.shape == (2, 3, 32, 32) and torch.equal(a1, a2)
+    assert not torch.allclose(a1, b.generate([MASK_CAPTION] * 2, seed=3, steps=3))
+    calls = []
+    real = b.caption_denoise
+
+    def recording(z, t, cond):
+        out = real(z, t, cond)
+        calls.append((z.shape[0], out))
+        return out
+    monkeypatch.setattr(b, "caption_denoise", recording)
+    sched_steps = []
+    real_step = Backbone.step
+    monkeypatch.setattr(b, "step", lambda sched, sampler, pred, t, z, g: sched_steps.append(pred) or
+                        real_step(sched, sampler, pred, t, z, g))
+    b.generate(["a photo of fabric"] * 2, seed=3, steps=3, guidance=4.0)
+    assert [n for n, _ in calls] == [4, 4, 4]  # one batched call per step
+    for (_, out), pred in zip(calls, sched_steps):
+        c, u = out.chunk(2)
+        torch.testing.assert_close(pred, u + 4.0 * (c - u))
+
+
+def test_backbone_check_binarises_and_measures_masks_by_hand():
+    """``backbone_quality``'s mask figures on drawn images given by hand: binarised by channel mean
+    > 0 (AnomalyDiffusion's rule), non-empty share and mean area against the real masks'."""
+    import numpy as np
+
+    from defectforge.evaluate.backbone_check import backbone_quality
+
+    class Drawn:
+        """A stand-in backbone: "a defect mask" -> 4 images (one empty; areas 8 (two squares), 8
+        and 15 of 64 pixels), anything else -> flat grey."""
+
+        def eval(self):
+            return self
+
+        def generate(self, prompts, seed, steps, guidance):
+            out = -torch.ones(len(prompts), 3, 8, 8)
+            if prompts[0] == MASK_CAPTION:
+                out[1, :, :2, :2] = 1
+                out[1, :, 4:6, 4:6] = 1  # and a second, separate square: 2 components
+                out[2, :, :2, :4] = 1
+                out[3, :, :4, :4] = 0.5
+                out[3, 0, 0, 0] = -3  # channel mean -1/3 + ... < 0: this pixel stays background
+            return out
+
+    class Flat:
+        name = "flat"
+
+        def features(self, images):
+            return np.asarray(images, np.float64).reshape(len(images), -1)[:, :4] + np.arange(len(images))[:, None]
+
+    real_mask = np.zeros((8, 8), np.uint8)
+    real_mask[:4, :4] = 1  # area 16 / 64
+    good = np.zeros((8, 8, 3), np.uint8)
+    real = {"test": [{"product": "fabric", "defect": "good", "image": good}] * 8,
+            "few_shot": [{"product": "fabric", "defect": "hole", "mask": real_mask * 1}], "good_train": []}
+    rep = backbone_quality(Drawn(), real, ["fabric"], n=4, extractor=Flat())
+    assert rep["mask_nonempty_rate"] == 0.75
+    assert rep["mask_area"] == pytest.approx((0 + 8 + 8 + 15) / 64 / 4)
+    assert rep["mask_area_real"] == 0.25 and rep["mask_area_ratio"] == pytest.approx(rep["mask_area"] / 0.25)
+    assert rep["mask_components"] == pytest.approx(4 / 3) and rep["mask_components_real"] == 1.0
+    assert np.isfinite(rep["kid_randfeat/fabric"])

@@ -569,14 +569,24 @@ class Backbone(nn.Module):
         noise = torch.randn_like(z0)
         t = torch.randint(0, int(self.noise_scheduler.config.num_train_timesteps), (n,), device=dev)
         z_t = self.noise_scheduler.add_noise(z0, noise, t)
-        if self.config.arch == "dit":  # the caption is c_p, c_d and c_f alike (module docstring)
-            states, pooled = self.encode_prompts(prompts)
-            pred = self.transformer(z_t, t, {"background": pooled, "defect": pooled, "fusion": pooled},
-                                    states, mask_tokens=self.any_tokens(states.shape[1])).sample
-        else:
-            pred = self.denoise(z_t, t, self.encode_text(prompts))
+        pred = self.caption_denoise(z_t, t, self.caption_states(prompts))
         loss = F.mse_loss(pred.float(), self.target(z0, noise, t).float())
         return {"loss": loss, "backbone_mse": loss.detach()}
+
+    def caption_states(self, prompts: list[str]) -> Any:
+        """What ``caption_denoise`` needs of plain captions: the token states (``unet``), or the
+        token states and pooled vectors (``dit``, ``encode_prompts``)."""
+        return self.encode_prompts(prompts) if self.config.arch == "dit" else self.encode_text(prompts)
+
+    def caption_denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The prediction for a caption as pretraining conditions on it (``caption_states``): the
+        UNet's cross-attention; the DiT gets the caption as c_p, c_d and c_f alike (module
+        docstring), its defect blocks the token states."""
+        if self.config.arch != "dit":
+            return self.denoise(z_t, t, cond)
+        states, pooled = cond
+        return self.transformer(z_t, t, {"background": pooled, "defect": pooled, "fusion": pooled},
+                                states, mask_tokens=self.any_tokens(states.shape[1])).sample
 
     def any_tokens(self, length: int) -> torch.Tensor:
         """A valid ``mask_tokens`` choice where the mask head's output is not used (pretraining):
@@ -587,9 +597,28 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, steps: int = 25, guidance: float = 3.0,
                  sampler: str = "ddim") -> torch.Tensor:
-        """Images (B x 3 x H x W in [-1, 1]) for ``prompts`` with classifier-free guidance
-        (``guidance`` 1 = none): what the backbone alone draws, e.g. to judge a pretraining."""
-        return self.sample_states(self.encode_text(prompts), seed, sampler, steps, guidance)
+        """Images (B x 3 x H x W in [-1, 1]) for ``prompts`` with classifier-free guidance against
+        the empty caption (``guidance`` 1 = none): what the backbone alone draws, either arch, e.g.
+        to judge a pretraining (``evaluate/backbone_check.py``)."""
+        if self.config.arch != "dit":
+            return self.sample_states(self.encode_text(prompts), seed, sampler, steps, guidance)
+        n = len(prompts)
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        z = torch.randn(n, self.latent_channels, self.latent_size, self.latent_size, generator=g).to(self.device)
+        cond = self.caption_states(prompts)
+        if guidance != 1.0:  # [cond; uncond] in one batch, as ``guided``
+            uncond = self.caption_states([""] * n)
+            cond = tuple(torch.cat([c, u]) for c, u in zip(cond, uncond))
+        sched = self.make_scheduler(sampler, steps)
+        for t in sched.timesteps:
+            tt = torch.full((n,), int(t), device=self.device, dtype=torch.long)
+            if guidance == 1.0:
+                pred = self.caption_denoise(z, tt, cond)
+            else:
+                c, u = self.caption_denoise(torch.cat([z, z]), torch.cat([tt, tt]), cond).chunk(2)
+                pred = u + guidance * (c - u)
+            z = self.step(sched, sampler, pred, t, z, g)
+        return self.decode(z).clamp(-1, 1)
 
     def sample_states(self, states: torch.Tensor, seed: int, sampler: str, steps: int | None,
                       guidance: float) -> torch.Tensor:
