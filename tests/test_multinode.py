@@ -60,6 +60,12 @@ report["refused_s"] = time.time() - t0
 os.environ["DEFECTFORGE_SHARED_FS"] = str(out)
 removed, training_nodes = {}, set()
 
+def registered(snapshot):
+    try:
+        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+    except (OSError, ValueError):  # being written
+        return False
+
 def remove_a_training_node():
     from ray.util.state import list_actors
 
@@ -68,10 +74,15 @@ def remove_a_training_node():
         live = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "RayTrainWorker" in a.class_name]
         training_nodes.update(a.node_id for a in live)
         ckpts = list((out / "runs" / "sweeps" / "train").glob("*/checkpoint_*"))
-        runs_with_ckpt = {c.parent for c in ckpts}
-        # Once both nodes train at once and both trainings have a checkpoint (so whichever node goes,
-        # its training can resume from one: waiting for any checkpoint raced, a trial lost before
-        # its first restarted from step 0), or after 5 minutes, remove one holding a Train worker.
+        snapshots = (out / "runs" / "sweeps" / "train").glob("*/checkpoint_manager_snapshot.json")
+        runs_with_ckpt = {s.parent for s in snapshots if registered(s)}
+        # Once both nodes train at once and both trainings have a checkpoint Ray Train has registered
+        # (so whichever node goes, its training can resume from one), or after 5 minutes, remove one
+        # holding a Train worker. Races seen: waiting for any checkpoint, a trial lost before its
+        # first restarted from step 0; waiting for both runs' checkpoint_* folders, a trial whose
+        # driver went with the node (Tune retried it) restarted from step 0 too: the folder is
+        # written before the controller records it in checkpoint_manager_snapshot.json, and a
+        # restarted run resumes from what that file records.
         both = len(training_nodes) >= 2 and len(runs_with_ckpt) >= 2
         if ckpts and (both or time.time() - start > 300):
             for node in workers:
