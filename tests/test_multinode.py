@@ -59,6 +59,7 @@ report["refused_s"] = time.time() - t0
 #    written a checkpoint, the worker node running a Train worker is removed.
 os.environ["DEFECTFORGE_SHARED_FS"] = str(out)
 removed, training_nodes = {}, set()
+train_root = out / "runs" / "sweeps" / "train"  # the sweep's Train runs, one folder each
 
 def registered(snapshot):
     try:
@@ -73,9 +74,8 @@ def remove_a_training_node():
     while time.time() < deadline and not removed:
         live = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "RayTrainWorker" in a.class_name]
         training_nodes.update(a.node_id for a in live)
-        ckpts = list((out / "runs" / "sweeps" / "train").glob("*/checkpoint_*"))
-        snapshots = (out / "runs" / "sweeps" / "train").glob("*/checkpoint_manager_snapshot.json")
-        runs_with_ckpt = {s.parent for s in snapshots if registered(s)}
+        ckpts = list(train_root.glob("*/checkpoint_*"))
+        runs_with_ckpt = {s.parent for s in train_root.glob("*/checkpoint_manager_snapshot.json") if registered(s)}
         # Once both nodes train at once and both trainings have a checkpoint Ray Train has registered
         # (so whichever node goes, its training can resume from one), or after 5 minutes, remove one
         # holding a Train worker. Races seen: waiting for any checkpoint, a trial lost before its
