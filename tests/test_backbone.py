@@ -72,6 +72,28 @@ def test_prediction_conversions_by_hand():
         torch.testing.assert_close(b.to_x0(pred, z_t, t), z0)
 
 
+def test_min_snr_weights_by_hand():
+    """Min-SNR-gamma: the epsilon loss weighted by min(SNR, gamma) / SNR, so for an x0 target the
+    weight is min(SNR, gamma) and for v min(SNR, gamma) / (SNR + 1); the loss is the weighted mean
+    per row while ``backbone_mse`` stays the plain MSE."""
+    t = torch.tensor([0, 300, 700, 999])
+    for kind in ("epsilon", "v_prediction", "sample"):
+        b = _tiny(prediction_type=kind, min_snr_gamma=5.0)
+        ab = b.noise_scheduler.alphas_cumprod[t].double()
+        snr = ab / (1 - ab)
+        capped = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64))
+        expected = {"epsilon": capped / snr, "v_prediction": capped / (snr + 1), "sample": capped}[kind]
+        torch.testing.assert_close(b.min_snr_weights(t).double(), expected, rtol=1e-4, atol=1e-6)
+    assert snr[0] > 5 > snr[-1]  # both sides of the cap are exercised
+    plain, weighted = _tiny(), _tiny(min_snr_gamma=5.0)
+    torch.manual_seed(1)
+    a = plain.pretraining_loss(_batch())
+    torch.manual_seed(1)
+    w = weighted.pretraining_loss(_batch())
+    torch.testing.assert_close(a["backbone_mse"], w["backbone_mse"])  # same draws, same plain MSE
+    assert not torch.allclose(a["loss"], w["loss"])
+
+
 def test_token_embeddings_splice_into_the_text_encoder():
     """Textual inversion's splice point: unedited rows give the plain encoding; an edited row
     changes the states from its position on (causal encoder), not before it."""

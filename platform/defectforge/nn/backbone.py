@@ -113,6 +113,8 @@ class BackboneConfig(_Strict):
         "sample", description="trained here: sample = x0 prediction (measured: v-prediction samples noise at laptop "
                               "budgets, README)")
     cond_dropout: float = Field(0.1, ge=0, le=1, description="pretraining: caption -> '' (the unconditional mode)")
+    min_snr_gamma: float | None = Field(None, gt=0, description="pretraining: Min-SNR-gamma loss weights (Hang et "
+                                                                "al. 2023; null = the plain MSE of the prediction)")
     mask_fraction: float = Field(0.25, ge=0, le=1, description="pretraining: share of defective rows drawn as "
                                                                "their binary mask, captioned 'a defect mask'")
 
@@ -570,8 +572,22 @@ class Backbone(nn.Module):
         t = torch.randint(0, int(self.noise_scheduler.config.num_train_timesteps), (n,), device=dev)
         z_t = self.noise_scheduler.add_noise(z0, noise, t)
         pred = self.caption_denoise(z_t, t, self.caption_states(prompts))
-        loss = F.mse_loss(pred.float(), self.target(z0, noise, t).float())
-        return {"loss": loss, "backbone_mse": loss.detach()}
+        per_row = F.mse_loss(pred.float(), self.target(z0, noise, t).float(), reduction="none").mean((1, 2, 3))
+        mse = per_row.mean()
+        loss = mse if self.config.min_snr_gamma is None else (per_row * self.min_snr_weights(t)).mean()
+        return {"loss": loss, "backbone_mse": mse.detach()}
+
+    def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights per row (Hang et al. 2023, as diffusers' training scripts apply
+        them): the epsilon loss weighted by min(SNR, gamma)/SNR, written for this prediction type
+        (x0: min(SNR, gamma); v: min(SNR, gamma)/(SNR + 1)). Against the plain x0 loss it moves
+        weight from the high-noise steps, whose answer is a blurred mean, to the low-noise ones."""
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.noise_scheduler, t)
+        capped = snr.clamp(max=float(self.config.min_snr_gamma))
+        kind = self.noise_scheduler.config.prediction_type
+        return {"epsilon": capped / snr, "v_prediction": capped / (snr + 1)}.get(kind, capped)
 
     def caption_states(self, prompts: list[str]) -> Any:
         """What ``caption_denoise`` needs of plain captions: the token states (``unet``), or the
