@@ -265,3 +265,27 @@ def test_ray_optuna_search_uses_define_by_run_and_points():
         assert cfg.method.u == config["method.u"] and cfg.sampling.steps == config["sampling.steps"]
         searcher.on_trial_complete(f"t{i}", {"score": float(i)})
     assert configs[0] == {**space.points_to_evaluate[0], "sampling.sampler": "ddim"}
+
+
+def test_a_command_line_override_of_a_swept_field_is_said(tmp_path):
+    """``sampling.steps=4`` on a sweep's command line is replaced by each trial's sampled value when
+    the space sweeps it (or fixes it): the sweep says so, naming the field and the space; a field
+    the space does not name is not mentioned."""
+    from defectforge.cli.sweep import swept_overrides
+
+    overrides = ["sampling.steps=4", "train.steps=10", "method.k=3"]
+    cfg = resolve_config(method="anomaly-diffusion", preset="tiny", overrides=overrides)
+    lines = swept_overrides(cfg, overrides)
+    space = load_space("anomaly-diffusion", preset="tiny")
+    assert "train.steps" not in space.parameters and {"sampling.steps", "method.k"} <= set(space.parameters)
+    assert len(lines) == 2 and "sampling.steps (command line)" in lines[0] and "method.k (command line)" in lines[1]
+    assert all(str(space.source) in line for line in lines)
+    own = write(tmp_path, """
+        method: anomaly-diffusion
+        parameters:
+          train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+          sampling.steps: {type: fixed, value: 8}
+    """)
+    cfg = resolve_config(method="anomaly-diffusion", preset="tiny", overrides=[f"sweep.space={own}", *overrides])
+    [line] = swept_overrides(cfg, overrides)  # method.k is not in this space
+    assert line.startswith("[sweep] sampling.steps (command line) is fixed to 8 by the search space")

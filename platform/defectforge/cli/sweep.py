@@ -78,6 +78,28 @@ def _extra(args: argparse.Namespace, embedded_default: bool) -> dict[str, Any]:
     return deep_merge(extra, {k: v for k, v in flags.items() if v})
 
 
+def swept_overrides(cfg: Any, overrides: list[str] | None) -> list[str]:
+    """One line per command-line override of a field the search space sweeps or fixes.
+
+    Why: each trial's config is the base config with the trial's sampled values applied last, so
+    ``sampling.steps=4`` on the command line of a sweep whose space sweeps ``sampling.steps`` is
+    replaced in every trial; a user who meant to fix it should hear so, not find 25 steps later."""
+    from defectforge.sweep.space import load_space
+
+    space = load_space(cfg.sweep.space or cfg.method.name, preset=cfg.preset)
+    keys = [text.split("=", 1)[0].strip() for text in (overrides or []) if "=" in text]
+    lines = []
+    for key in dict.fromkeys(keys):
+        spec = space.parameters.get(key)
+        if spec is None:
+            continue
+        how = f"fixed to {spec.value!r} by" if spec.fixed else "swept by"
+        where = " where its condition holds" if spec.when else ""
+        lines.append(f"[sweep] {key} (command line) is {how} the search space {space.label}: each trial's value "
+                     f"replaces it{where}; to set it yourself, give --space a space without {key}")
+    return lines
+
+
 def run_sweep_command(args: argparse.Namespace, method: str, embedded_default: bool = False) -> int:
     from defectforge.config import resolve_config
 
@@ -87,6 +109,8 @@ def run_sweep_command(args: argparse.Namespace, method: str, embedded_default: b
         preset = EMBEDDED_PRESET
     cfg = resolve_config(method=method, preset=preset, config_file=args.config,
                          overrides=args.overrides, extra=_extra(args, embedded_default))
+    for line in swept_overrides(cfg, args.overrides):
+        print(line, flush=True)
     from defectforge.sweep.run import results_table, sweep
 
     summary = sweep(cfg, summary_json=args.summary_json)
