@@ -140,9 +140,10 @@ def test_a_method_in_a_plugin_folder_gets_everything(ray_session, synth_root, tm
     assert np.abs(learned).mean() > 0.05, f"the stage's lr did not apply: {learned}"
 
     # 3. It sweeps over the space beside its module; no weights folder -> stand-in metrics, said once.
+    #    (Both trials at once, as the main job runs them on 2 CPUs: one trial's fixed cost less.)
     summary = tmp_path / "sweep.json"
     proc = _run([*cli, "sweep", "--method", "toy-blob", *common[:2], "--products", "fabric", "--trials", "2",
-                 "--concurrency", "1", "--run-root", str(tmp_path / "sweep"), "--summary-json", str(summary),
+                 "--concurrency", "2", "--run-root", str(tmp_path / "sweep"), "--summary-json", str(summary),
                  "train.steps=10", "train.batch_size=8", "evaluation.n_per_defect=4", "evaluation.seg_steps=10",
                  "evaluation.seg_seeds=1", "sweep.scheduler=none", "evaluation.segmentation=false"], env)
     assert proc.stdout.count("[weights] standard metrics unavailable") == 1, proc.stdout[-3000:]
