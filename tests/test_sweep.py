@@ -52,7 +52,7 @@ def test_sweep_logs_runs_registers_best_and_survives_a_diverging_trial(ray_sessi
     cfg = resolve_config(method="defect-gen", preset="tiny", overrides=[
         f"data.path={synth_root}", "data.products=[fabric]", f"tracking.run_root={tmp_path}",
         f"sweep.space={_space(tmp_path, [0.0005, 1e30])}", "sweep.num_trials=2", "sweep.name=nan",
-        "sweep.scheduler=none", "sweep.max_concurrent=1", *TINY])
+        "sweep.scheduler=none", "sweep.max_concurrent=2", *TINY])  # both at once, as on 2 CPUs
     summary = sweep(cfg, summary_json=tmp_path / "s.json")
     [study] = summary["studies"]
     by_lr = {t["params"]["train.lr"]: t for t in study["trials"]}
@@ -102,7 +102,7 @@ def test_ray_job_submit_runs_a_multi_objective_sweep_to_succeeded(ray_head, synt
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard,
            "--submission-id", submission_id, "--working-dir", ".", "--",
            "python", "jobs/sweep_defectgen.py", "--data", str(synth_root), "--products", "fabric", "--trials", "2",
-           "--concurrency", "1", "--name", "mo", "--objective", objective, "--run-root", str(tmp_path),
+           "--concurrency", "2", "--name", "mo", "--objective", objective, "--run-root", str(tmp_path),
            "--summary-json", str(tmp_path / "mo.json"), f"--space={_space(tmp_path, [0.0005, 0.002])}",
            "sweep.scheduler=none", "evaluation.segmentation=false", *TINY]
     done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=1200)  # streams logs, waits
