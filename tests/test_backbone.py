@@ -92,6 +92,19 @@ def test_min_snr_weights_by_hand():
     w = weighted.pretraining_loss(_batch())
     torch.testing.assert_close(a["backbone_mse"], w["backbone_mse"])  # same draws, same plain MSE
     assert not torch.allclose(a["loss"], w["loss"])
+    # How the weights enter: each row's own MSE times its weight, averaged over the batch. With
+    # one-hot weights e_i the loss is row i's MSE / n: the n losses differ and sum to the plain MSE.
+    n = 8
+    losses = []
+    for i in range(n):
+        weighted.min_snr_weights = lambda t, i=i: torch.nn.functional.one_hot(torch.tensor(i), n).float()
+        torch.manual_seed(1)
+        losses.append(weighted.pretraining_loss(_batch())["loss"])
+    torch.testing.assert_close(torch.stack(losses).sum(), a["backbone_mse"])
+    assert torch.stack(losses).std() > 0.01 * a["backbone_mse"] / n
+    weighted.min_snr_weights = lambda t: torch.full((n,), 2.0)
+    torch.manual_seed(1)
+    torch.testing.assert_close(weighted.pretraining_loss(_batch())["loss"], 2 * a["backbone_mse"])
 
 
 def test_token_embeddings_splice_into_the_text_encoder():

@@ -289,3 +289,15 @@ def test_a_command_line_override_of_a_swept_field_is_said(tmp_path):
     cfg = resolve_config(method="anomaly-diffusion", preset="tiny", overrides=[f"sweep.space={own}", *overrides])
     [line] = swept_overrides(cfg, overrides)  # method.k is not in this space
     assert line.startswith("[sweep] sampling.steps (command line) is fixed to 8 by the search space")
+    same = ["sampling.steps=8"]  # the value the space fixes anyway: nothing to say
+    assert swept_overrides(resolve_config(method="anomaly-diffusion", preset="tiny",
+                                          overrides=[f"sweep.space={own}", *same]), same) == []
+    # a section given whole names the swept fields under it, each once
+    whole = ["sampling={steps: 4}", "sampling.steps=4"]
+    cfg = resolve_config(method="anomaly-diffusion", preset="tiny", overrides=whole)
+    [line] = swept_overrides(cfg, whole)
+    assert line.startswith("[sweep] sampling.steps (command line) is swept by")
+    # a space of another method: the sweep refuses it itself, naming both methods
+    mine = ["sampling.steps=4"]
+    cfg = resolve_config(method="defect-gen", preset="tiny", overrides=[f"sweep.space={own}", *mine])
+    assert swept_overrides(cfg, mine) == []

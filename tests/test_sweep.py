@@ -327,11 +327,13 @@ def test_per_product_sweep_killed_three_times_runs_every_trial_once_on_its_own_p
     the sweep is run to its end. Every trial appears once, on its own study's product, and no
     child run is left RUNNING.
 
-    It is also the test of the uninterrupted 2-product sweep (acceptance 1): the last run trains
-    each study's later trials after both studies registered their trainables, which is where the
-    bug moved them to the other product. (A separate uninterrupted 2-product sweep test took 5 min
-    of CI and asserted a subset of this; it was folded in here to shorten CI. Two trials per study,
-    not three: the same kills and checks, 396 s instead of 494 s alone here.)"""
+    It is also the test of the uninterrupted 2-product sweep (acceptance 1): with --concurrency 1
+    the studies run one after the other, so the kills fall in fabric's two trainings and metal's
+    first, and the last run trains metal's trials after fabric's (restored) study ran in the same
+    driver, which is where the bug moved a study's trials to the other product; every trial is
+    checked on its own product. (A separate uninterrupted 2-product sweep test took 5 min of CI and
+    asserted a subset of this; it was folded in here to shorten CI. Two trials per study, not
+    three: the same kills and checks, 396 s instead of 494 s alone here.)"""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     job = Path(__file__).resolve().parents[1] / "jobs" / "sweep_defectgen.py"
     cmd = [sys.executable, str(job), "--data", str(synth_root), "--products", "fabric,metal", "--trials", "2",
@@ -357,7 +359,7 @@ def test_per_product_sweep_killed_three_times_runs_every_trial_once_on_its_own_p
         proc.wait()
         history.append(sorted(d.name for d in train.glob("kt-*")))
 
-    # A hang guard, not a budget: the last run trains the trials still to do (four, 437 s, in one run here).
+    # A hang guard, not a budget: the last run trains the trials still to do.
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     detail = f"Train folders at each kill {history}\n{again.stdout[-5000:]}\n{again.stderr[-2000:]}"
     assert again.returncode == 0, detail

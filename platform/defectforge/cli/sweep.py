@@ -84,20 +84,25 @@ def swept_overrides(cfg: Any, overrides: list[str] | None) -> list[str]:
     Why: each trial's config is the base config with the trial's sampled values applied last, so
     ``sampling.steps=4`` on the command line of a sweep whose space sweeps ``sampling.steps`` is
     replaced in every trial; a user who meant to fix it should hear so, not find 25 steps later."""
-    from defectforge.sweep.space import load_space
+    from defectforge.sweep.space import config_value, load_space
 
     space = load_space(cfg.sweep.space or cfg.method.name, preset=cfg.preset)
+    if space.method != cfg.method.name:
+        return []  # the sweep refuses this space, naming both methods
     keys = [text.split("=", 1)[0].strip() for text in (overrides or []) if "=" in text]
-    lines = []
+    lines: dict[str, str] = {}  # by parameter: a section and a field under it name it once
     for key in dict.fromkeys(keys):
-        spec = space.parameters.get(key)
-        if spec is None:
-            continue
-        how = f"fixed to {spec.value!r} by" if spec.fixed else "swept by"
-        where = " where its condition holds" if spec.when else ""
-        lines.append(f"[sweep] {key} (command line) is {how} the search space {space.label}: each trial's value "
-                     f"replaces it{where}; to set it yourself, give --space a space without {key}")
-    return lines
+        # the field itself, or fields under a section given whole (sampling={steps: 4})
+        for path, spec in space.parameters.items():
+            if path != key and not path.startswith(key + "."):
+                continue
+            if spec.fixed and config_value(cfg, path) == spec.value:
+                continue  # set to the value the space fixes anyway
+            how = f"fixed to {spec.value!r} by" if spec.fixed else "swept by"
+            where = " where its condition holds" if spec.when else ""
+            lines[path] = (f"[sweep] {path} (command line) is {how} the search space {space.label}: each trial's "
+                           f"value replaces it{where}; to set it yourself, give --space a space without {path}")
+    return list(lines.values())
 
 
 def run_sweep_command(args: argparse.Namespace, method: str, embedded_default: bool = False) -> int:

@@ -520,10 +520,15 @@ def _condition_holds(spec: ParamSpec, values: dict[str, Any], specs: dict[str, P
         if value is _MISSING:
             if specs[other].fixed or cfg is None:
                 return False  # the condition's parameter is itself inactive
-            value = _get_dotted(cfg.to_dict(), other)
+            value = config_value(cfg, other)
         if not any(_same(value, a) for a in allowed):
             return False
     return True
+
+
+def config_value(cfg: ConfigBase, path: str) -> Any:
+    """The value at dotted ``path`` in ``cfg`` (a sentinel when the path is absent)."""
+    return _get_dotted(cfg.to_dict(), path)
 
 
 def _get_dotted(tree: dict[str, Any], path: str) -> Any:
