@@ -144,3 +144,24 @@ if __name__ == "__main__":  # the AST work of the tests above, in a fresh interp
         print(json.dumps({m: sorted(d) for m, d in _graph_here().items()}))
     else:
         print(json.dumps(_cli_importers()))
+
+
+def test_validating_a_config_leaves_the_diffusers_unet_stack_unimported():
+    """Every process that validates a config imports every method module (the config union), so a
+    method module's top-level imports are paid by every CLI command and sweep-trial process.
+    diffusers' ``UNet2DModel`` pulls in all of diffusers' transformer models and the transformers
+    package (~3-6 s here): it is imported where a UNet is built (``nn/unets.py``), not at the top."""
+    code = ("import json, sys; from defectforge.config import resolve_config; "
+            "[resolve_config(method=m) for m in ('defect-gen', 'anomaly-diffusion', 'defect-synth', 'defect-diffu')]; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers'))))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       check=True).stdout)
+    heavy = [m for m in loaded if m == "transformers" or m.startswith(("diffusers.models.unets",
+                                                                       "diffusers.models.transformers"))]
+    assert not heavy, heavy
+    # ... and building a Defect-Gen model still finds it
+    code = ("from defectforge.nn.unets import build_large_unet, count_downsamplings; "
+            "m = build_large_unet(resolution=32, channels=3, widths=(8, 16), downsamplings=1, layers_per_block=1, "
+            "attention_resolution=8, attention_head_dim=8, norm_num_groups=8); print(count_downsamplings(m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"

@@ -18,12 +18,19 @@ downsampler), so a UNet with ``d`` downsamplings is built from ``d + 1`` blocks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import UNet2DModel
-from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
 from defectforge.config import ConfigError
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+
+# diffusers' UNet2DModel is imported where a UNet is built, not at the top: importing it pulls in
+# every transformer model of diffusers (and the transformers package), ~3-6 s here, and every
+# process that validates a config imports this module (the config union names every method).
 
 # Defect Spectrum, Table 12: the small model's receptive field as a number of downsamplings.
 RECEPTIVE_FIELDS: dict[str, int] = {"small": 2, "medium": 3, "large": 6}
@@ -64,6 +71,8 @@ def build_large_unet(*, resolution: int, channels: int, widths: tuple[int, ...],
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     # Up block j works at the resolution of down block (levels - 1 - j): mirror the choice.
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    from diffusers import UNet2DModel
+
     return UNet2DModel(
         sample_size=resolution, in_channels=channels, out_channels=channels,
         down_block_types=down, up_block_types=up, block_out_channels=used,
@@ -85,6 +94,8 @@ def build_patch_unet(*, resolution: int, channels: int, widths: tuple[int, ...],
     downsamplings = RECEPTIVE_FIELDS[receptive_field]
     check_divisible(resolution, downsamplings, "method.receptive_field")
     used = _check_widths(widths, downsamplings + 1, norm_num_groups, "method.small_widths")
+    from diffusers import UNet2DModel
+
     return UNet2DModel(
         sample_size=resolution, in_channels=channels, out_channels=channels,
         down_block_types=("DownBlock2D",) * len(used), up_block_types=("UpBlock2D",) * len(used),
@@ -96,6 +107,8 @@ def build_patch_unet(*, resolution: int, channels: int, widths: tuple[int, ...],
 
 def count_downsamplings(model: nn.Module) -> int:
     """How many times ``model`` halves its input (counted from its ``Downsample2D`` modules)."""
+    from diffusers.models.downsampling import Downsample2D
+
     return sum(isinstance(m, Downsample2D) for m in model.modules())
 
 
