@@ -84,7 +84,7 @@ def swept_overrides(cfg: Any, overrides: list[str] | None) -> list[str]:
     Why: each trial's config is the base config with the trial's sampled values applied last, so
     ``sampling.steps=4`` on the command line of a sweep whose space sweeps ``sampling.steps`` is
     replaced in every trial; a user who meant to fix it should hear so, not find 25 steps later."""
-    from defectforge.sweep.space import config_value, load_space
+    from defectforge.sweep.space import load_space
 
     space = load_space(cfg.sweep.space or cfg.method.name, preset=cfg.preset)
     if space.method != cfg.method.name:
@@ -96,7 +96,7 @@ def swept_overrides(cfg: Any, overrides: list[str] | None) -> list[str]:
         for path, spec in space.parameters.items():
             if path != key and not path.startswith(key + "."):
                 continue
-            if spec.fixed and config_value(cfg, path) == spec.value:
+            if spec.already_in(cfg):
                 continue  # set to the value the space fixes anyway
             how = f"fixed to {spec.value!r} by" if spec.fixed else "swept by"
             where = " where its condition holds" if spec.when else ""

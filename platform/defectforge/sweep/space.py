@@ -90,6 +90,11 @@ class ParamSpec:
     def fixed(self) -> bool:
         return self.type == "fixed"
 
+    def already_in(self, cfg: ConfigBase) -> bool:
+        """Whether this is a fixed parameter whose value ``cfg`` already has (compared as
+        conditions compare values: ``True`` is not ``1``)."""
+        return self.fixed and _same(config_value(cfg, self.path), self.value)
+
     def distribution(self) -> BaseDistribution | None:
         """The Optuna distribution (``None`` for a fixed parameter, which is never sampled)."""
         if self.type == "int":
