@@ -161,6 +161,29 @@ def test_lpips_from_cached_features_equals_the_models_forward(lpips_randnet):
     np.testing.assert_array_equal(assign_clusters(imgs, centres, lpips_randnet), brute)
 
 
+def test_lpips_embedding_needs_the_packages_non_negative_weights(lpips_randnet):
+    """The embedding of ``LpipsDistance.features`` is exact only for non-negative 1x1 weights
+    without bias (what the package ships); a model with a negative weight is refused, not embedded
+    wrongly, and zero-weight channels are left out of the embedding."""
+    import copy
+
+    import torch
+
+    from defectforge.evaluate.metrics.lpips_diversity import LpipsDistance
+
+    model = copy.deepcopy(lpips_randnet.model)
+    conv = next(m for m in model.lins[0].modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = -0.1
+    with pytest.raises(ValueError, match="negative weight"):
+        LpipsDistance(model, "bad")
+    # 5 layers at 64 px: 15x15, 7x7, 3x3, 3x3, 3x3 positions times the channels with w > 0
+    keep = [int((next(m for m in lpips_randnet.model.lins[k].modules()
+                      if isinstance(m, torch.nn.Conv2d)).weight > 0).sum()) for k in range(5)]
+    assert lpips_randnet.features(_images(1, size=64)).shape[1] == sum(
+        n * hw for n, hw in zip(keep, (225, 49, 9, 9, 9)))
+
+
 def test_lpips_randnet_is_deterministic(lpips_randnet):
     imgs = _images(2, size=32, seed=5)
     again = build_lpips("randnet")

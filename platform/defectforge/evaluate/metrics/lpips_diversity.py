@@ -31,6 +31,7 @@ ties. The subset draw is seeded here; the reference's ``random.shuffle`` is not.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -64,6 +65,7 @@ class LpipsDistance:
         self.name = name
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self._check_embeddable()
 
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
         # A writable copy: blocks from the object store are read-only.
@@ -71,67 +73,78 @@ class LpipsDistance:
         return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # LPIPS expects [-1, 1]
 
     @torch.no_grad()
-    def features(self, images: np.ndarray) -> list[torch.Tensor]:
-        """Each image's unit-normalised feature maps per backbone layer (``lpips.LPIPS.forward``'s
-        ``feats0``): what a distance needs from one image, computed once however many pairs it is in.
+    def features(self, images: np.ndarray) -> torch.Tensor:
+        """Each image's LPIPS embedding: an N x D float32 tensor whose squared Euclidean distances
+        are the LPIPS distances (``distances``, ``distance_matrix``). Computed once per image however
+        many pairs it is in.
+
+        Why this is exact: ``lpips.LPIPS.forward`` (``lpips=True``, ``spatial=False``) is, per layer k
+        with H_k x W_k positions, the spatial mean of a 1x1 convolution with weights w_k >= 0 and no
+        bias over the squared difference of the unit-normalised feature maps; summed over layers:
+        sum_k sum_{c,h,w} (w_kc / H_k W_k) (a_kchw - b_kchw)^2 = |e(a) - e(b)|^2 with
+        e(x) = concat_k sqrt(w_k / H_k W_k) * a_k(x). The package's calibrated weights are all >= 0
+        (its training clamps them) and its ``lins`` have no bias; ``_check_embeddable`` asserts both
+        when the model is built. Channels with w = 0 are left out of e (they add nothing).
 
         Why: mean pairwise LPIPS over N images is up to N(N-1)/2 pairs; ``lpips.LPIPS(a, b)`` runs
-        the backbone on both images of every pair, i.e. ~N^2 forward passes. Splitting the same
-        computation (``features`` once per image, ``distances`` per pair) needs N passes and gives
-        the same numbers (``test_metrics`` checks it against the model's own forward)."""
+        the backbone on both images of every pair, i.e. ~N^2 forward passes. The embedding needs N
+        passes, and a whole distance matrix is one matrix product (issue 12); ``test_metrics``
+        checks it against the model's own forward."""
         images = check_images(images, "LPIPS input")
         m = self.model
-        layers: list[list[torch.Tensor]] = [[] for _ in range(m.L)]
+        out = []
         for s in range(0, len(images), self.batch_size):
             x = self._tensor(images[s:s + self.batch_size])
-            outs = m.net.forward(m.scaling_layer(x) if m.version == "0.1" else x)
+            feats = m.net.forward(m.scaling_layer(x) if m.version == "0.1" else x)
+            parts = []
             for k in range(m.L):
-                layers[k].append(lpips.normalize_tensor(outs[k]))
-        return [torch.cat(f) for f in layers]
+                f = lpips.normalize_tensor(feats[k])[:, self._keep[k]]
+                parts.append((f * self._scale[k][:, None, None] / math.sqrt(f.shape[2] * f.shape[3])).flatten(1))
+            out.append(torch.cat(parts, 1))
+        if not out:
+            return torch.zeros(0, 0, device=self.device)
+        return torch.cat(out)
 
     @torch.no_grad()
-    def distances(self, feats_a: list[torch.Tensor], i: np.ndarray, feats_b: list[torch.Tensor],
-                  j: np.ndarray, chunk: int = 256) -> np.ndarray:
-        """LPIPS between image ``i[n]`` of ``feats_a`` and ``j[n]`` of ``feats_b`` (from ``features``):
-        per layer the learned 1x1 weighting of the squared feature difference, spatially averaged,
-        summed over layers (``lpips.LPIPS.forward`` with ``lpips=True``, ``spatial=False``)."""
-        m = self.model
+    def distances(self, feats_a: torch.Tensor, i: np.ndarray, feats_b: torch.Tensor, j: np.ndarray,
+                  chunk: int = 256) -> np.ndarray:
+        """LPIPS between image ``i[n]`` of ``feats_a`` and ``j[n]`` of ``feats_b`` (embeddings from
+        ``features``): the squared distance of the two embeddings, pair by pair."""
+        a, b = torch.as_tensor(feats_a, device=self.device), torch.as_tensor(feats_b, device=self.device)
         out = []
         for s in range(0, len(i), chunk):
             ii = torch.as_tensor(i[s:s + chunk], device=self.device)
             jj = torch.as_tensor(j[s:s + chunk], device=self.device)
-            val = 0
-            for k in range(m.L):
-                val = val + lpips.spatial_average(m.lins[k]((feats_a[k][ii] - feats_b[k][jj]) ** 2), keepdim=True)
-            out.append(val.reshape(-1).cpu().numpy())
+            out.append(((a[ii].double() - b[jj].double()) ** 2).sum(1).cpu().numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
     @torch.no_grad()
-    def distance_matrix(self, feats_a: list[torch.Tensor], feats_b: list[torch.Tensor]) -> np.ndarray:
-        """LPIPS between every image of ``feats_a`` and every image of ``feats_b``: an Na x Nb matrix.
+    def distance_matrix(self, feats_a: torch.Tensor, feats_b: torch.Tensor) -> np.ndarray:
+        """LPIPS between every image of ``feats_a`` and every image of ``feats_b`` (embeddings from
+        ``features``): an Na x Nb matrix, |a|^2 + |b|^2 - 2 a.b, one matrix product for all pairs
+        (a difference map per pair took 1.3 s for 2 000 pairs of 64 images at 128 px here; issue 12).
+        In float64, so the cancellation of the expanded square loses nothing that matters
+        (``test_metrics`` compares it with the per-pair path and the model's own forward)."""
+        a = torch.as_tensor(feats_a, device=self.device).double()
+        b = a if feats_b is feats_a else torch.as_tensor(feats_b, device=self.device).double()
+        total = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+        return total.clamp_min(0.0).cpu().numpy()
 
-        The same number as ``distances`` for each pair, by expanding the square: per layer, with the
-        learned non-spatial weights w (the 1x1 ``lins`` convolution) and H x W positions,
-        mean_hw sum_c w_c (a - b)^2 = (sum w a^2 + sum w b^2 - 2 sum w a b) / HW (+ the bias, if any),
-        so all pairs cost one matrix product of flattened features per layer instead of a difference
-        map per pair (1.3 s -> ~0.1 s for 2 000 pairs of 64 images at 128 px here; issue 12). Sums in
-        float64 so the cancellation of the expanded square loses nothing that matters
-        (``test_metrics`` compares it with the per-pair path and the model's own forward).
-        """
+    def _check_embeddable(self) -> None:
+        """The weights ``features`` folds into the embedding: per layer the 1x1 ``lins`` convolution's
+        non-negative weights (their square roots scale the features), no bias. Kept: the channels
+        with a positive weight."""
         m = self.model
-        total = torch.zeros(len(feats_a[0]), len(feats_b[0]), dtype=torch.float64, device=self.device)
+        self._keep, self._scale = [], []
         for k in range(m.L):
             conv = next(mod for mod in m.lins[k].modules() if isinstance(mod, torch.nn.Conv2d))
-            w = conv.weight.reshape(1, -1, 1, 1).double()
-            a, b = feats_a[k].double(), feats_b[k].double()
-            hw = a.shape[2] * a.shape[3]
-            wa = (a * w).flatten(1)
-            na = (wa * a.flatten(1)).sum(1)
-            nb = ((b * w) * b).flatten(1).sum(1)
-            total += (na[:, None] + nb[None, :] - 2.0 * wa @ b.flatten(1).T) / hw
-            if conv.bias is not None:
-                total += conv.bias.double().sum()
-        return total.clamp_min(0.0).cpu().numpy()
+            w = conv.weight.detach().reshape(-1)
+            if conv.bias is not None or bool((w < 0).any()):
+                raise ValueError(f"LPIPS layer {k}: a bias or a negative weight; the embedding of "
+                                 "LpipsDistance.features needs non-negative weights and no bias")
+            keep = torch.nonzero(w > 0).reshape(-1).to(self.device)
+            self._keep.append(keep)
+            self._scale.append(w[keep].sqrt().to(self.device))
 
     @torch.no_grad()
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -284,7 +297,7 @@ def diversity_lpips(images: Any, centres: Any, model: Any, max_pairs: int | None
                                    if has_centres else None, max_pairs, seed, max_per_cluster)
 
 
-def diversity_from_features(dist: LpipsDistance, feats: list[torch.Tensor], centre_feats: list[torch.Tensor] | None,
+def diversity_from_features(dist: LpipsDistance, feats: torch.Tensor, centre_feats: torch.Tensor | None,
                             max_pairs: int | None = None, seed: int = 0,
                             max_per_cluster: int | None = 50) -> tuple[float, float]:
     """``diversity_lpips`` from ``dist.features`` of the images (in their order) and of the centres.
@@ -293,7 +306,8 @@ def diversity_from_features(dist: LpipsDistance, feats: list[torch.Tensor], cent
     passes them in rather than recomputing. (Computing them in the driver block by block while the
     pass still ran was tried for issue 12 and slowed the pass 3x here: the driver's torch calls hold
     the GIL that Ray Data's executor thread in the same process needs.)"""
-    n = len(feats[0])
+    feats = torch.as_tensor(feats).double()  # once here, not in each distance_matrix call below
+    n = len(feats)
     d_gg = dist.distance_matrix(feats, feats)
     mean_pairwise = float("nan")
     if n >= 2:
@@ -302,11 +316,11 @@ def diversity_from_features(dist: LpipsDistance, feats: list[torch.Tensor], cent
             keep = np.sort(np.random.default_rng(seed).choice(len(i), size=max_pairs, replace=False))
             i, j = i[keep], j[keep]
         mean_pairwise = float(np.sum(d_gg[i, j])) / len(i)
-    if centre_feats is None or len(centre_feats[0]) == 0:
+    if centre_feats is None or len(centre_feats) == 0:
         return mean_pairwise, float("nan")
-    if feats[0].shape[1:] != centre_feats[0].shape[1:]:
-        raise ValueError(f"generated images and centres differ in size (features {tuple(feats[0].shape[1:])} vs "
-                         f"{tuple(centre_feats[0].shape[1:])})")
+    if feats.shape[1:] != centre_feats.shape[1:]:
+        raise ValueError(f"generated images and centres differ in size (LPIPS embeddings of {feats.shape[1]} vs "
+                         f"{centre_feats.shape[1]} values)")
     labels = np.argmin(dist.distance_matrix(feats, centre_feats), axis=1)
     values = []
     for members in cluster_members(labels, max_per_cluster, seed):
