@@ -49,16 +49,21 @@ class EvalActor:
       redrawn. Output: the pairs (``source="generated"``) with their features.
     * pairs (``image``, ``mask``, ...; real references or decoded generated pairs): their features;
       real rows are returned without their pixels, which nothing downstream needs.
+
+    With ``lpips`` (``{"kind", "weights_dir"}``), generated rows also get their LPIPS embeddings
+    (column ``lpips``, ``LpipsDistance.features``): the diversity stage's per-image work, done here
+    in parallel instead of after the pass in one process (``pipeline.lpips_in_pass``).
     """
 
     def __init__(self, kind: str, weights_dir: str | None = None, num_gpus: float = 0.0,
-                 generator: dict[str, Any] | None = None) -> None:
+                 generator: dict[str, Any] | None = None, lpips: dict[str, Any] | None = None) -> None:
         from defectforge.evaluate.metrics import make_extractor
 
         self.extractor = make_extractor(kind, weights_dir, device=_device(num_gpus))
         self.gen = None
         if generator is not None:
             self._load_generator(num_gpus=num_gpus, **generator)
+        self.lpips = cached_lpips(lpips["kind"], lpips["weights_dir"], _device(num_gpus)) if lpips else None
 
     def _load_generator(self, checkpoint: str, seed: int, num_gpus: float, sampling: dict[str, Any] | None = None,
                         data_root: str | None = None, split: dict[str, Any] | None = None, reject_empty: bool = True,
@@ -108,6 +113,8 @@ class EvalActor:
             out["logits"] = self.extractor.logits(images).astype(np.float64)
         else:  # a block emptied by an upstream filter
             out["features"] = out["logits"] = np.zeros((0, 0), np.float64)
+        if self.lpips is not None and len(images) and str(out["source"][0]) == GENERATED:
+            out["lpips"] = self.lpips.features(images).cpu().numpy()
         if len(images) and str(out["source"][0]) == REAL:  # pixels of real rows are not needed downstream
             out = {k: v for k, v in out.items() if k not in ("image", "mask")}
         return out
@@ -118,7 +125,7 @@ _WORKER: dict[str, Any] = {}  # one slot: {"key": ..., "actor": EvalActor}
 
 
 def eval_block(batch: dict[str, np.ndarray], kind: str, weights_dir: str | None = None, num_gpus: float = 0.0,
-               generator: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+               generator: dict[str, Any] | None = None, lpips: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """``EvalActor.__call__`` as a Ray Data *task* whose models live in the worker process.
 
     Why (issue 12): an actor pool's actors are fresh processes, created per evaluation and gone
@@ -139,7 +146,7 @@ def eval_block(batch: dict[str, np.ndarray], kind: str, weights_dir: str | None 
     device = _device(num_gpus)
     ekey = (kind, weights_dir, device)
     sha = read_checkpoint_meta(generator["checkpoint"])["sha256"] if generator is not None else None
-    key = json.dumps([ekey, generator, sha], sort_keys=True, default=str)
+    key = json.dumps([ekey, generator, sha, lpips], sort_keys=True, default=str)
     if _WORKER.get("key") != key:
         _WORKER.clear()  # at most one generator per worker: a sweep's old trials' models go
         if ekey not in _EXTRACTORS:
@@ -148,6 +155,7 @@ def eval_block(batch: dict[str, np.ndarray], kind: str, weights_dir: str | None 
         actor.extractor, actor.gen = _EXTRACTORS[ekey], None
         if generator is not None:
             actor._load_generator(num_gpus=num_gpus, **generator)
+        actor.lpips = cached_lpips(lpips["kind"], lpips["weights_dir"], device) if lpips else None
         _WORKER.update(key=key, actor=actor)
     return _WORKER["actor"](batch)
 
@@ -201,15 +209,34 @@ def warm_diversity(kind: str, weights_dir: str | None, num_gpus: float) -> str:
 
 
 def diversity_of_group(product: str, defect: str, references: Any, lpips_kind: str, weights_dir: str | None,
-                       num_gpus: float, *blocks: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Diversity and mask metrics of one (product, defect) group, from the pair blocks (a Ray task)."""
+                       num_gpus: float, *blocks: dict[str, np.ndarray],
+                       embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """Diversity and mask metrics of one (product, defect) group, from the pair blocks (a Ray task,
+    or a call in the driver). ``embeddings``: (ids, LPIPS embeddings) of the group's images made in
+    the pass (``EvalActor``'s ``lpips``); without them the images' embeddings are computed here."""
     keep = [(b, np.flatnonzero((np.asarray(b["product"]).astype(str) == product)
                                & (np.asarray(b["defect"]).astype(str) == defect))) for b in blocks]
-    batch = {c: np.concatenate([np.asarray(b[c])[i] for b, i in keep if len(i)]) for c in ("image", "mask", "id")}
-    batch["product"] = np.asarray([product] * len(batch["id"]))
-    batch["defect"] = np.asarray([defect] * len(batch["id"]))
-    out = DiversityFn(lpips_kind, weights_dir, references, num_gpus=num_gpus)(batch)
-    return {k: (v[0].item() if isinstance(v[0], np.generic) else v[0]) for k, v in out.items()}
+    cols = ("mask", "id") if embeddings is not None else ("image", "mask", "id")
+    batch = {c: np.concatenate([np.asarray(b[c])[i] for b, i in keep if len(i)]) for c in cols}
+    if embeddings is None:
+        batch["product"] = np.asarray([product] * len(batch["id"]))
+        batch["defect"] = np.asarray([defect] * len(batch["id"]))
+        out = DiversityFn(lpips_kind, weights_dir, references, num_gpus=num_gpus)(batch)
+        return {k: (v[0].item() if isinstance(v[0], np.generic) else v[0]) for k, v in out.items()}
+    import torch
+
+    ids, emb = np.asarray(embeddings[0]).astype(str), np.asarray(embeddings[1])
+    at = {i: n for n, i in enumerate(ids)}
+    order = np.argsort(batch["id"].astype(str), kind="stable")  # id order, as DiversityFn's
+    missing = sorted(set(batch["id"].astype(str)) - set(at))
+    if missing or len(at) != len(ids):
+        raise ValueError(f"LPIPS embeddings of {product}/{defect} do not match its pairs "
+                         f"(missing ids {missing[:5]}, {len(ids) - len(at)} repeated)")
+    feats = torch.from_numpy(np.ascontiguousarray(emb[[at[i] for i in batch["id"].astype(str)[order]]]))
+    model = cached_lpips(lpips_kind, weights_dir, _device(num_gpus))
+    row = diversity_row(product, defect, model, feats.to(model.device), list(batch["mask"][order]),
+                        _get(references).get(f"{product}/{defect}", {}))
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
 
 
 class DiversityFn:
@@ -236,12 +263,13 @@ class DiversityFn:
         return {k: np.asarray([v]) for k, v in row.items()}
 
 
-def diversity_row(product: str, defect: str, lpips_model: Any, feats: list[Any], masks: list[np.ndarray],
+def diversity_row(product: str, defect: str, lpips_model: Any, feats: Any, masks: list[np.ndarray],
                   ref: dict[str, Any], max_pairs: int | None = 2000) -> dict[str, Any]:
     """The diversity / mask-quality row of one (product, defect) group, from its images' LPIPS
     features (``LpipsDistance.features``, images in id order) and masks; ``ref``: the group's
-    ``{"centres", "masks"}`` (``DiversityFn``). One function for the task path and the driver's
-    streaming path (``pipeline.StreamingDiversity``), so both give the same row."""
+    ``{"centres", "masks"}`` (``DiversityFn``). One function for every path (a Ray task per group,
+    the driver from the pair blocks, the driver from embeddings made in the pass), so all give the
+    same row."""
     from defectforge.evaluate.metrics import diversity_from_features, mask_quality, metric_name
 
     row: dict[str, Any] = {"product": product, "defect": defect, "n": float(len(masks))}

@@ -33,7 +33,10 @@ def finish_block(block: Any, start: int | None, stop: int | None, index: int, pa
     table = acc.to_arrow()
     name = f"part-{index:05d}.parquet"
     pq.write_table(table.select(FEATURE_COLUMNS), str(Path(features_dir) / name))
-    features = BlockAccessor.for_block(table.select(FEATURE_COLUMNS)).to_numpy()
+    # LPIPS embeddings made in the pass (``pipeline.lpips_in_pass``) go to the driver with the
+    # feature rows, for the diversity stage; they are not worth a Parquet file.
+    extra = [c for c in ("lpips",) if c in table.column_names]
+    features = BlockAccessor.for_block(table.select(FEATURE_COLUMNS + extra)).to_numpy()
     pairs = None
     if "image" in table.column_names:
         pq.write_table(table.select(PAIR_COLUMNS), str(Path(pairs_dir) / name))

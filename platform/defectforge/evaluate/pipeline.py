@@ -7,14 +7,19 @@ Shape of one run::
         | CPU: map_batches(eval_block, TaskPoolStrategy(num_actors), batch_size=None)
         |   generator, feature extractor cached per Ray worker process (reused by later evaluations)
         | GPU: map_batches(EvalActor, ActorPoolStrategy(num_actors)): loaded once per actor
-        |   generate -> features + logits
+        |   generate -> features + logits (+ LPIPS embeddings of generated images: ``lpips_in_pass``)
+        |   (this dataset's own context turns Ray Data's per-operator reservation off: with it, the
+        |   one map operator ran one task at a time on 2 CPUs)
         v   output blocks stream to the driver as object refs (iter_internal_ref_bundles)
     per output block, one small Ray task (``finish_block``): its Parquet files
         (<artifacts>/pairs/, <artifacts>/features/), the pair columns as a numpy dict in the object
         store (``PipelineResult.pair_refs``), and its feature rows back to the driver
     driver: feature rows -> GaussianStats per (source, product, defect) (FID), KID / IS inputs
+    one Ray task per level (group, product, overall; ``level_fidelity``): FID, KID, IS, running
+        on the cluster while the driver does the next step
     one Ray task per (product, defect): LPIPS, IC-LPIPS, mask quality, from the pair blocks
-        (or, for a small evaluation, the same function in the driver: ``diversity_on_driver``)
+        (or, for a small evaluation, the same function in the driver: ``diversity_on_driver``,
+        from the embeddings made in the pass when they are small enough to send there)
 
 An existing folder (MVTec layout, as ``defectforge generate`` writes) or Parquet file of generated
 pairs replaces the conditions blocks: the folder's files are decoded by Ray tasks (``decode_refs``)
@@ -37,6 +42,14 @@ Then (issue 12, second round): an actor pool's actors are fresh processes that d
 evaluation, so every evaluation paid ``import torch`` (~1.4 s here) again; CPU map tasks run on
 Ray's reused workers, which cache their models (``actors.eval_block``), so only a cluster's first
 evaluation pays it.
+
+Then (issue 12, third round, 2026-12-02, 384 pairs on 2 CPUs, ratio to a one-thread loop 0.99 ->
+0.59 with FID/KID/IS counted on both sides): Ray Data's per-operator resource reservation ran the
+map tasks one at a time (off for this dataset); the driver did ~1.4 s of serial work after the pass
+(LPIPS backbone over every image, float64 copies for the distance matrices, six matrix square
+roots): the LPIPS embeddings now come out of the map tasks, the distance matrices are one matrix
+product on embeddings, and FID/KID/IS run as tasks beside the diversity; two blocks per map task
+instead of four, one real block per task.
 
 Scaling out: the map tasks (actors on GPUs) are the unit of parallelism. On a cluster,
 ``evaluation.num_actors`` of them (each ``num_gpus_per_actor`` GPUs or up to one CPU) run on
@@ -91,8 +104,32 @@ class PipelineSpec:
 DRIVER_DIVERSITY_MAX_BYTES = 64 * 2**20
 
 
+# LPIPS embeddings made in the pass, at most this many bytes in all (``lpips_in_pass``).
+PASS_LPIPS_MAX_BYTES = 256 * 2**20
+
+
+def lpips_in_pass(spec: PipelineSpec, n_rows: int, resolution: int) -> bool:
+    """Whether the map tasks compute the generated images' LPIPS embeddings (``EvalActor``'s
+    ``lpips``) for a diversity stage in the driver.
+
+    Why: that stage's per-image work (the LPIPS backbone over every generated image) ran in the
+    driver after the pass, on one core, while the map tasks had finished: 1.0 s of the 384-pair
+    evaluation's 3.1 s here (issue 12, 2026-12-02). In the pass it runs on every map task's core,
+    and the driver keeps only the distance matrices (one matrix product per group). Only when the
+    embeddings are small enough to send to the driver (``PASS_LPIPS_MAX_BYTES``; AlexNet LPIPS at
+    64 px: 20 762 floats, 81 KiB per image; at 256 px ~2 MiB): a big evaluation's diversity runs
+    as Ray tasks over the pair blocks, which compute their embeddings where they run."""
+    if not spec.diversity_on_driver or n_rows <= 0:
+        return False
+    from defectforge.evaluate.actors import cached_lpips
+
+    dim = cached_lpips(spec.lpips_kind, spec.weights_dir, "cpu").features(
+        np.zeros((1, resolution, resolution, 3), np.uint8)).shape[1]
+    return n_rows * dim * 4 <= PASS_LPIPS_MAX_BYTES
+
+
 # Blocks of conditions rows per concurrent map task (``generated_from_checkpoint``).
-BLOCKS_PER_WORKER = 4
+BLOCKS_PER_WORKER = 2
 
 
 def diversity_on_driver(mode: str, n_pairs: int, resolution: int) -> bool:
@@ -143,6 +180,9 @@ class PipelineResult:
     features_path: Path
     n_generated: int
     timings: dict[str, float] = field(default_factory=dict)
+    # ``level_fidelity`` per ``Level`` (run_pipeline's ``classes``); empty: the caller computes them
+    fidelity: dict[Any, dict[str, float]] = field(default_factory=dict)
+    lpips_in_pass: bool = False  # the diversity used LPIPS embeddings made by the map tasks
 
 
 def actor_cpus(num_actors: int, reserve: float = 1.0) -> float:
@@ -189,8 +229,10 @@ def generated_from_checkpoint(checkpoint: str | Path, rows: list[dict[str, Any]]
 
     Why several batches per block: each block is one Ray Data task plus one ``finish_block`` task;
     at 16 pairs a block's work (~40 ms here) was smaller than that overhead (issue 12: the
-    384-pair pass took 1.05 s in 24 blocks, 0.65 s in 8). ``BLOCKS_PER_WORKER`` blocks per
-    concurrent task keep the stream balanced to the end."""
+    384-pair pass took 1.05 s in 24 blocks, 0.65 s in 8). ``BLOCKS_PER_WORKER`` (2) blocks per
+    concurrent task keep the stream balanced to the end; 4 cost ~0.2 s more in Ray Data's
+    per-block overhead at 384 pairs (2026-12-02: a trivial map over 13 blocks 0.48 s, over 6
+    0.28 s), more than a slow generator's last block leaves idle."""
     import pyarrow as pa
     import ray
 
@@ -285,15 +327,83 @@ def _keep_pairs(batch: dict[str, np.ndarray], products: list[str], resolution: i
             "source": np.asarray([GENERATED] * len(keep), dtype=object)}
 
 
+# ------------------------------------------------------------------------------------ fidelity
+Level = tuple  # (product, defect): one group; (product, None): a product; (None, None): overall
+
+
+def fidelity_levels(classes: dict[str, tuple[str, ...]], generated: set[tuple[str, str]],
+                    scope: str = "all") -> list[Level]:
+    """The levels FID, KID and IS pool their rows over (``run.py``'s level conventions): each
+    generated (product, defect) group; with ``scope="all"`` also each product with a generated
+    group and the overall level (those products together)."""
+    if scope not in ("all", "groups"):
+        raise ValueError(f"fidelity scope: unknown {scope!r} (all | groups)")
+    products = [p for p in classes if any((p, d) in generated for d in classes[p])]
+    levels: list[Level] = [(p, d) for p in products for d in classes[p] if (p, d) in generated]
+    if scope == "all":
+        levels += [(p, None) for p in products] + [(None, None)]
+    return levels
+
+
+def pool_level(stats: dict, features: dict, logits: dict, level: Level, products: list[str]) -> tuple:
+    """(generated stats, real stats, generated features, real features, generated logits) of one
+    level, pooled over its groups in sorted order (None where the level has no rows)."""
+    from defectforge.evaluate.actors import GENERATED, REAL
+
+    product, defect = level
+
+    def match(p: str, d: str) -> bool:
+        if product is None:
+            return p in products
+        return p == product and (defect is None or d == defect)
+
+    def pooled(table: dict, source: str) -> np.ndarray | None:
+        parts = [v for (s, p, d), v in sorted(table.items()) if s == source and match(p, d)]
+        return np.concatenate(parts) if parts else None
+
+    def merged(source: str) -> GaussianStats | None:
+        out = None
+        for (s, p, d), st in sorted(stats.items()):
+            if s == source and match(p, d):
+                out = st if out is None else out.merge(st)
+        return out
+
+    return (merged(GENERATED), merged(REAL), pooled(features, GENERATED), pooled(features, REAL),
+            pooled(logits, GENERATED))
+
+
+def level_fidelity(g: GaussianStats | None, r: GaussianStats | None, fg: np.ndarray | None, fr: np.ndarray | None,
+                   lg: np.ndarray | None, kid_subsets: int = 100) -> dict[str, float]:
+    """FID, KID and IS of one level (``pool_level``'s outputs), under generic names (``fid``,
+    ``kid``, ``is``, ``is_std``, ``n_generated``, ``n_real``); NaN where a set is too small.
+
+    A Ray task in ``run_pipeline`` (one per level, while the driver computes the diversity): the
+    matrix square root of FID is the serial cost here (0.06 s at the stand-in's 256 features, tens
+    of seconds at Inception's 2048), and levels are independent."""
+    from defectforge.evaluate.metrics import fid_from_stats, inception_score_from_logits, kid
+
+    m: dict[str, float] = {"n_generated": float(g.count if g else 0), "n_real": float(r.count if r else 0)}
+    m["fid"] = fid_from_stats(g, r) if g and r and g.count >= 2 and r.count >= 2 else math.nan
+    m["kid"] = (kid(fg, fr, num_subsets=kid_subsets) if fg is not None and fr is not None
+                and len(fg) >= 2 and len(fr) >= 2 else math.nan)
+    if lg is not None and len(lg):
+        score = inception_score_from_logits(lg, splits=max(1, min(10, len(lg) // 10)))
+        m["is"], m["is_std"] = score.mean, score.std
+    return m
+
+
 # ------------------------------------------------------------------------------------- the run
 def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: dict[str, dict[str, np.ndarray]],
-                 spec: PipelineSpec, artifacts: str | Path) -> PipelineResult:
+                 spec: PipelineSpec, artifacts: str | Path, classes: dict[str, tuple[str, ...]] | None = None,
+                 fidelity_scope: str = "all", kid_subsets: int = 100) -> PipelineResult:
     """Features, FID statistics, KID/IS inputs and diversity for ``generated`` vs ``real_rows``.
 
     ``generated``: a ``GeneratorSource`` (``generated_from_checkpoint``) or a Ray Dataset of pairs
     (``generated_from_path``); ``real_rows``: the real reference set (defective images of the
     evaluated products); ``references``: ``"product/defect" -> {"centres", "masks"}`` for IC-LPIPS
-    and mask quality.
+    and mask quality. ``classes`` (product -> defect types): FID, KID and IS of every level of
+    ``fidelity_levels(classes, ..., fidelity_scope)`` as Ray tasks, run while the driver computes
+    the diversity (``PipelineResult.fidelity``); None leaves them to the caller.
     """
     import ray
 
@@ -304,19 +414,33 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
         raise ValueError("no real reference images to compare the generated pairs with")
     real = [{"image": r["image"], "mask": r["mask"], "product": r["product"], "defect": r["defect"],
              "id": str(r["id"]), "split": str(r["split"]), "source": REAL} for r in real_rows]
-    real_ds = ray.data.from_items(real, override_num_blocks=max(1, math.ceil(len(real) / spec.batch_size)))
+    # One block of real rows per map task at most: each block costs a task and a ``finish_block``
+    # (~40 ms of overhead here) and a real block's work is small (features only).
+    n_real_blocks = max(1, min(spec.num_actors, math.ceil(len(real) / spec.batch_size)))
+    real_ds = ray.data.from_items(real, override_num_blocks=n_real_blocks)
     if isinstance(generated, GeneratorSource):
         inputs, generator, reserve = generated.conditions, generated.generator, 0.0
     else:  # pairs decoded by Ray tasks upstream of the actors: leave them a CPU
         inputs, generator, reserve = generated, None, 1.0
     map_kwargs = _map_kwargs(spec, reserve)
+    embed = isinstance(generated, GeneratorSource) and lpips_in_pass(
+        spec, generated.n_rows, int(np.asarray(real[0]["image"]).shape[0]))
     model_args = {"kind": spec.extractor, "weights_dir": spec.weights_dir, "num_gpus": spec.num_gpus_per_actor,
-                  "generator": generator}
+                  "generator": generator,
+                  "lpips": {"kind": spec.lpips_kind, "weights_dir": spec.weights_dir} if embed else None}
     if spec.num_gpus_per_actor > 0:  # GPU: an actor pool, models loaded once per actor
         ds = inputs.union(real_ds).map_batches(EvalActor, batch_size=None, fn_constructor_kwargs=model_args,
                                                **map_kwargs)
     else:  # CPU: tasks on Ray's reused workers, models cached per worker process (``eval_block``)
         ds = inputs.union(real_ds).map_batches(eval_block, batch_size=None, fn_kwargs=model_args, **map_kwargs)
+    if isinstance(generated, GeneratorSource):
+        # One map operator over blocks already in the object store: let it use every slot it was
+        # given. Ray Data's per-operator resource reservation (on by default; half the cluster split
+        # between the operators) let the pass run ONE map task at a time on this 2-CPU machine
+        # (issue 12, measured 2026-12-02: six 0.3 s tasks with TaskPoolStrategy(size=2) took 1.8 s,
+        # 1.07 s without it). Set on this dataset's own context (a copy), not the process's. The
+        # folder path keeps it: its decoding operator feeds the map tasks and must not starve.
+        ds.context.op_resource_reservation_enabled = False
     # CPUs the actors leave idle prepare the diversity tasks meanwhile (imports + LPIPS model).
     idle = 0 if spec.num_gpus_per_actor > 0 or spec.diversity_on_driver else int(
         ray.available_resources().get("CPU", 0.0) - reserve - spec.num_actors * map_kwargs["num_cpus"])
@@ -350,6 +474,7 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     features: dict[tuple[str, str, str], list[np.ndarray]] = defaultdict(list)
     logits: dict[tuple[str, str, str], list[np.ndarray]] = defaultdict(list)
     pair_refs, n_generated = [], 0
+    embeddings: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     for pairs_ref, feats_ref in finished:
         block = ray.get(feats_ref)
         keys = list(zip(np.asarray(block["source"]).astype(str), np.asarray(block["product"]).astype(str),
@@ -360,6 +485,8 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
             stats[key].update(f[rows])
             features[key].append(f[rows])
             logits[key].append(lg[rows])
+            if "lpips" in block:
+                embeddings[key[1:]].append((np.asarray(block["id"])[rows], np.asarray(block["lpips"])[rows]))
         if keys and keys[0][0] == GENERATED:
             pair_refs.append(pairs_ref)
             n_generated += len(keys)
@@ -368,13 +495,25 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     timings["features_to_driver_s"] = time.perf_counter() - t1
 
     t3 = time.perf_counter()
+    fidelity_refs: dict[Level, Any] = {}
+    if classes is not None:  # on the cluster's CPUs, while the driver does the diversity below
+        fid_task = ray.remote(num_cpus=1, scheduling_strategy=outside_placement_group())(level_fidelity)
+        generated_groups = {k[1:] for k in features if k[0] == GENERATED}
+        products = [p for p in classes if any((p, d) in generated_groups for d in classes[p])]
+        tables = ({k: v for k, v in stats.items()}, {k: np.concatenate(v) for k, v in features.items()},
+                  {k: np.concatenate(v) for k, v in logits.items()})
+        fidelity_refs = {level: fid_task.remote(*pool_level(*tables, level, products), kid_subsets)
+                         for level in fidelity_levels(classes, generated_groups, fidelity_scope)}
     # One Ray task per (product, defect): each reads the pair blocks from the object store and keeps
     # its group. Tasks release their CPU when done, unlike a hash shuffle feeding an actor pool,
     # which deadlocked when the pool's actor and the shuffle's tasks wanted the same two CPUs.
     groups = sorted({k[1:] for k in features if k[0] == GENERATED})
     if spec.diversity_on_driver:  # small: here, with no worker start-up (``diversity_on_driver``)
         blocks = ray.get(pair_refs)
-        diversity = [diversity_of_group(p, d, references, spec.lpips_kind, spec.weights_dir, 0.0, *blocks)
+        diversity = [diversity_of_group(p, d, references, spec.lpips_kind, spec.weights_dir, 0.0, *blocks,
+                                        embeddings=(np.concatenate([i for i, _ in embeddings[(p, d)]]),
+                                                    np.concatenate([e for _, e in embeddings[(p, d)]]))
+                                        if embed else None)
                      for p, d in groups]
     else:
         task = ray.remote(num_cpus=1, num_gpus=spec.num_gpus_per_actor or None,
@@ -384,6 +523,9 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
                                          spec.num_gpus_per_actor, *pair_refs) for p, d in groups])
     ray.get(warming)  # done long since; surfaces a failure to build the model
     timings["diversity_s"] = time.perf_counter() - t3
+    t4 = time.perf_counter()
+    fidelity = dict(zip(fidelity_refs, ray.get(list(fidelity_refs.values()))))
+    timings["fidelity_wait_s"] = time.perf_counter() - t4
     timings["pipeline_s"] = time.perf_counter() - t0
     return PipelineResult(
         stats=dict(stats),
@@ -391,4 +533,4 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
         logits={k: np.concatenate(v) for k, v in logits.items()},
         diversity=[{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()} for r in diversity],
         pair_refs=pair_refs, pairs_path=pairs_path, features_path=features_path,
-        n_generated=int(n_generated), timings=timings)
+        n_generated=int(n_generated), timings=timings, fidelity=fidelity, lpips_in_pass=bool(embed))

@@ -138,34 +138,23 @@ def _is_group(product: str, defect: str | None, pp: str, dd: str) -> bool:
 def fidelity_and_diversity(result: Any, classes: dict[str, tuple[str, ...]], names: dict[str, str],
                            kid_subsets: int = 100) -> dict[str, Any]:
     """Per (product, defect), per product and overall metric dicts from a ``PipelineResult``."""
-    from defectforge.evaluate.actors import GENERATED, REAL
-    from defectforge.evaluate.metrics import fid_from_stats, inception_score_from_logits, kid
+    from defectforge.evaluate.actors import GENERATED
+    from defectforge.evaluate.pipeline import level_fidelity, pool_level
 
-    def pooled(table: dict, source: str, match) -> np.ndarray | None:
-        parts = [v for (s, p, d), v in sorted(table.items()) if s == source and match(p, d)]
-        return np.concatenate(parts) if parts else None
+    generated = {k[1:] for k in result.stats if k[0] == GENERATED}
+    with_pairs = [p for p in classes if any((p, d) in generated for d in classes[p])]
 
-    def stats_of(source: str, match) -> Any:
-        parts = [v for (s, p, d), v in sorted(result.stats.items()) if s == source and match(p, d)]
-        out = None
-        for s in parts:
-            out = s if out is None else out.merge(s)
+    def level(key: tuple[str | None, str | None]) -> dict[str, float]:
+        """FID / KID / IS of a level: from the pipeline's tasks (``PipelineResult.fidelity``), else here."""
+        got = getattr(result, "fidelity", {}).get(key)
+        if got is None:
+            got = level_fidelity(*pool_level(result.stats, result.features, result.logits, key, with_pairs),
+                                 kid_subsets=kid_subsets)
+        out = {"n_generated": got["n_generated"], "n_real": got["n_real"], names["fid"]: got["fid"],
+               names["kid"]: got["kid"]}
+        if "is" in got:
+            out[names["is"]], out[names["is"] + "_std"] = got["is"], got["is_std"]
         return out
-
-    def level(match) -> dict[str, float]:
-        m: dict[str, float] = {}
-        g, r = stats_of(GENERATED, match), stats_of(REAL, match)
-        m["n_generated"] = float(g.count if g else 0)
-        m["n_real"] = float(r.count if r else 0)
-        m[names["fid"]] = fid_from_stats(g, r) if g and r and g.count >= 2 and r.count >= 2 else math.nan
-        fg, fr = pooled(result.features, GENERATED, match), pooled(result.features, REAL, match)
-        m[names["kid"]] = (kid(fg, fr, num_subsets=kid_subsets) if fg is not None and fr is not None
-                           and len(fg) >= 2 and len(fr) >= 2 else math.nan)
-        lg = pooled(result.logits, GENERATED, match)
-        if lg is not None and len(lg):
-            score = inception_score_from_logits(lg, splits=max(1, min(10, len(lg) // 10)))
-            m[names["is"]], m[names["is"] + "_std"] = score.mean, score.std
-        return m
 
     div = {(r["product"], r["defect"]): r for r in result.diversity}
     div_keys = [k for k in next(iter(div.values()), {}) if k not in ("product", "defect", "n")]
@@ -184,13 +173,13 @@ def fidelity_and_diversity(result: Any, classes: dict[str, tuple[str, ...]], nam
         for d in classes[p]:
             if (GENERATED, p, d) not in result.stats:
                 continue
-            defects[d] = {**level(partial(_is_group, p, d)),
+            defects[d] = {**level((p, d)),
                           **{k: float(v) for k, v in div.get((p, d), {}).items() if k in div_keys}}
         if not defects:
             continue
         of_product = partial(_is_group, p, None)
-        products[p] = {"metrics": {**level(of_product), **diversity_mean(of_product)}, "defects": defects}
-    overall = {**level(lambda pp, dd: pp in products), **diversity_mean(lambda pp, dd: pp in products)}
+        products[p] = {"metrics": {**level((p, None)), **diversity_mean(of_product)}, "defects": defects}
+    overall = {**level((None, None)), **diversity_mean(lambda pp, dd: pp in products)}
     return {"products": products, "overall": overall}
 
 
@@ -552,7 +541,7 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     references = {k: {kk: np.stack(vv) if vv else None for kk, vv in v.items()} for k, v in references.items()}
     load_s = time.perf_counter() - t_real
 
-    result = run_pipeline(gen_ds, real["reference"], references, spec, artifacts)
+    result = run_pipeline(gen_ds, real["reference"], references, spec, artifacts, classes=classes)
     metrics = fidelity_and_diversity(result, classes, names)
     t_quality = time.perf_counter()
     add_defect_quality(metrics, result.pair_refs, real)
