@@ -61,6 +61,7 @@ them. The driver's share grows with the number of images only by their feature r
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
@@ -121,11 +122,16 @@ def lpips_in_pass(spec: PipelineSpec, n_rows: int, resolution: int) -> bool:
     as Ray tasks over the pair blocks, which compute their embeddings where they run."""
     if not spec.diversity_on_driver or n_rows <= 0:
         return False
+    return n_rows * _lpips_dim(spec.lpips_kind, spec.weights_dir, resolution) * 4 <= PASS_LPIPS_MAX_BYTES
+
+
+@functools.lru_cache(maxsize=8)
+def _lpips_dim(kind: str, weights_dir: str | None, resolution: int) -> int:
+    """Length of one image's LPIPS embedding at ``resolution`` (one forward pass of a black image)."""
     from defectforge.evaluate.actors import cached_lpips
 
-    dim = cached_lpips(spec.lpips_kind, spec.weights_dir, "cpu").features(
-        np.zeros((1, resolution, resolution, 3), np.uint8)).shape[1]
-    return n_rows * dim * 4 <= PASS_LPIPS_MAX_BYTES
+    black = np.zeros((1, resolution, resolution, 3), np.uint8)
+    return int(cached_lpips(kind, weights_dir, "cpu").features(black).shape[1])
 
 
 # Blocks of conditions rows per concurrent map task (``generated_from_checkpoint``).
