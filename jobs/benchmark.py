@@ -175,7 +175,8 @@ def bench_eval(args: argparse.Namespace) -> dict:
     spec = PipelineSpec(extractor="randfeat", weights_dir=None, lpips_kind="randnet", num_actors=args.num_actors,
                         batch_size=cfg.sampling.batch_size, seed=cfg.sampling.seed,
                         diversity_on_driver=diversity_on_driver(cfg.evaluation.diversity, len(rows),
-                                                                int(context["resolution"])))
+                                                                int(context["resolution"])),
+                        lpips_in_pass=cfg.evaluation.diversity == "auto")  # as ``evaluate`` builds it
 
     rows_groups = sorted({(r["product"], r["defect"]) for r in rows})
 

@@ -41,15 +41,16 @@ def _plain_loop():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["tasks", "driver"])
+@pytest.mark.parametrize("mode", ["tasks", "driver", "auto"])
 def test_pipeline_metrics_equal_plain_loop(ray_session, synth_root, tmp_path, mode):
     """One actor pass + driver-side statistics give the plain loop's FID/KID/IS/LPIPS/IC-LPIPS/mask
     numbers per defect type, with 2 actors and a last generation batch that is not full (18 pairs, batch 4).
 
     ``tasks``: diversity as one Ray task per group from the pair blocks, FID/KID/IS computed by
-    ``fidelity_and_diversity`` in this process. ``driver``: diversity in the driver from LPIPS
-    embeddings the map tasks made, FID/KID/IS as Ray tasks per level (``classes``), as a small
-    evaluation runs. Both must give the loop's numbers."""
+    ``fidelity_and_diversity`` in this process. ``driver``: diversity in the driver from the pair
+    blocks, FID/KID/IS as Ray tasks per level (``classes``). ``auto`` (a small evaluation, as
+    ``evaluate`` runs it): diversity tasks from the LPIPS embeddings the map tasks made, FID/KID/IS
+    tasks. All must give the loop's numbers."""
     import pyarrow.parquet as pq
 
     from defectforge.evaluate.pipeline import PipelineSpec, conditions_rows, generated_from_checkpoint, run_pipeline
@@ -67,14 +68,15 @@ def test_pipeline_metrics_equal_plain_loop(ray_session, synth_root, tmp_path, mo
     plain = bench.sequential(cfg, checkpoint, rows, real["reference"], references, "randfeat", "randnet")
 
     spec = PipelineSpec(extractor="randfeat", weights_dir=None, lpips_kind="randnet", num_actors=2,
-                        batch_size=4, seed=cfg.sampling.seed, diversity_on_driver=mode == "driver")
+                        batch_size=4, seed=cfg.sampling.seed, diversity_on_driver=mode != "tasks",
+                        lpips_in_pass=mode == "auto")
     gen = generated_from_checkpoint(checkpoint, rows, spec, SamplingOptions.from_config(cfg),
                                     data_root=str(synth_root), split=cfg.data.split.model_dump(mode="json"))
     result = run_pipeline(gen, real["reference"], references, spec, tmp_path / "artifacts",
-                          classes=classes if mode == "driver" else None)
-    assert result.lpips_in_pass == (mode == "driver")
+                          classes=classes if mode != "tasks" else None)
+    assert result.lpips_in_pass == (mode == "auto")
     n_types = sum(len(d) for d in classes.values())
-    assert len(result.fidelity) == (n_types + len(classes) + 1 if mode == "driver" else 0)
+    assert len(result.fidelity) == (n_types + len(classes) + 1 if mode != "tasks" else 0)
     names = {"fid": "fid_randfeat", "kid": "kid_randfeat", "is": "is_randfeat", "lpips": "lpips_randnet",
              "ic_lpips": "ic_lpips_randnet"}
     metrics = fidelity_and_diversity(result, classes, names)

@@ -182,8 +182,10 @@ class EvaluationConfig(_Strict):
                           "from <run_root>/cache/segmentation-real, keyed by a hash of its rows, seed and steps")
     diversity: Literal["auto", "driver", "tasks"] = Field(
         "auto", description="where LPIPS / IC-LPIPS / mask quality run: one Ray task per (product, defect) "
-                            "(scales out), the driver (no worker start-up), or auto = the driver up to 64 MiB "
-                            "of pixels generated from a checkpoint (pairs read from --generated: tasks)")
+                            "(scales out), the driver (no worker start-up), or auto = up to 64 MiB of pixels "
+                            "generated from a checkpoint, the evaluation's map tasks also make each image's LPIPS "
+                            "embedding and the per-type tasks only compare them (the driver if the embeddings "
+                            "exceed 256 MiB); otherwise, and for pairs read from --generated, tasks")
     num_actors: int = Field(1, ge=1, description="concurrent map tasks (CPU: on reused workers that cache their "
                                               "models) or actors (GPU) of the evaluation's Ray Data pass")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluation actor; > 0 = an actor pool on GPUs")

@@ -18,8 +18,8 @@ Shape of one run::
     one Ray task per level (group, product, overall; ``level_fidelity``): FID, KID, IS, running
         on the cluster while the driver does the next step
     one Ray task per (product, defect): LPIPS, IC-LPIPS, mask quality, from the pair blocks
-        (or, for a small evaluation, the same function in the driver: ``diversity_on_driver``,
-        from the embeddings made in the pass when they are small enough to send there)
+        (a small evaluation: from the embeddings made in the pass, ``lpips_in_pass``; or, with
+        ``evaluation.diversity=driver``, the same function in the driver: ``diversity_on_driver``)
 
 An existing folder (MVTec layout, as ``defectforge generate`` writes) or Parquet file of generated
 pairs replaces the conditions blocks: the folder's files are decoded by Ray tasks (``decode_refs``)
@@ -44,12 +44,12 @@ Ray's reused workers, which cache their models (``actors.eval_block``), so only 
 evaluation pays it.
 
 Then (issue 12, third round, 2026-12-02, 384 pairs on 2 CPUs, ratio to a one-thread loop 0.99 ->
-0.59 with FID/KID/IS counted on both sides): Ray Data's per-operator resource reservation ran the
+0.52-0.58 with FID/KID/IS counted on both sides): Ray Data's per-operator resource reservation ran the
 map tasks one at a time (off for this dataset); the driver did ~1.4 s of serial work after the pass
 (LPIPS backbone over every image, float64 copies for the distance matrices, six matrix square
 roots): the LPIPS embeddings now come out of the map tasks, the distance matrices are one matrix
-product on embeddings, and FID/KID/IS run as tasks beside the diversity; two blocks per map task
-instead of four, one real block per task.
+product on embeddings, and the diversity groups and FID/KID/IS run as tasks on the warm workers
+while the driver waits; two blocks per map task instead of four, one real block per task.
 
 Scaling out: the map tasks (actors on GPUs) are the unit of parallelism. On a cluster,
 ``evaluation.num_actors`` of them (each ``num_gpus_per_actor`` GPUs or up to one CPU) run on
@@ -97,7 +97,8 @@ class PipelineSpec:
     num_gpus_per_actor: float = 0.0
     batch_size: int = 8
     seed: int = 0
-    diversity_on_driver: bool = False  # see ``diversity_on_driver`` below
+    diversity_on_driver: bool = False  # a small evaluation: see ``diversity_on_driver`` below
+    lpips_in_pass: bool = False  # evaluation.diversity=auto: see ``lpips_in_pass`` below
     progress: bool = False  # a line per finished block (rows done, rate); Ray Data's bars need a terminal
 
 
@@ -111,16 +112,19 @@ PASS_LPIPS_MAX_BYTES = 256 * 2**20
 
 def lpips_in_pass(spec: PipelineSpec, n_rows: int, resolution: int) -> bool:
     """Whether the map tasks compute the generated images' LPIPS embeddings (``EvalActor``'s
-    ``lpips``) for a diversity stage in the driver.
+    ``lpips``), so that the per-group diversity tasks only compare them.
 
-    Why: that stage's per-image work (the LPIPS backbone over every generated image) ran in the
-    driver after the pass, on one core, while the map tasks had finished: 1.0 s of the 384-pair
-    evaluation's 3.1 s here (issue 12, 2026-12-02). In the pass it runs on every map task's core,
-    and the driver keeps only the distance matrices (one matrix product per group). Only when the
-    embeddings are small enough to send to the driver (``PASS_LPIPS_MAX_BYTES``; AlexNet LPIPS at
-    64 px: 20 762 floats, 81 KiB per image; at 256 px ~2 MiB): a big evaluation's diversity runs
-    as Ray tasks over the pair blocks, which compute their embeddings where they run."""
-    if not spec.diversity_on_driver or n_rows <= 0:
+    Why: for a small evaluation (``diversity_on_driver``) that stage ran in the driver after the
+    pass, on one core, with the LPIPS backbone over every generated image: 1.0 s of the 384-pair
+    evaluation's 3.1 s here (issue 12, 2026-12-02), while the map tasks' cores waited. In the pass
+    the backbone runs on every map task's core; the groups then go to Ray tasks on the same warm
+    workers (their LPIPS model is cached there), beside the FID/KID/IS tasks: the driver only
+    waits (384 pairs, 2 map tasks: ratio to the plain loop 0.62 with the groups in the driver,
+    0.52-0.58 as tasks). Only for ``evaluation.diversity=auto`` (``spec.lpips_in_pass``; ``driver``
+    keeps everything in the driver) and only when the embeddings are small enough to ship
+    (``PASS_LPIPS_MAX_BYTES``; AlexNet LPIPS at 64 px: 20 762 floats, 81 KiB per image; at 256 px
+    ~2 MiB). A big evaluation's tasks compute their embeddings from the pair blocks where they run."""
+    if not (spec.lpips_in_pass and spec.diversity_on_driver) or n_rows <= 0:
         return False
     return n_rows * _lpips_dim(spec.lpips_kind, spec.weights_dir, resolution) * 4 <= PASS_LPIPS_MAX_BYTES
 
@@ -514,19 +518,23 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     # its group. Tasks release their CPU when done, unlike a hash shuffle feeding an actor pool,
     # which deadlocked when the pool's actor and the shuffle's tasks wanted the same two CPUs.
     groups = sorted({k[1:] for k in features if k[0] == GENERATED})
-    if spec.diversity_on_driver:  # small: here, with no worker start-up (``diversity_on_driver``)
+    def group_embeddings(p: str, d: str) -> tuple[np.ndarray, np.ndarray] | None:
+        return (np.concatenate([i for i, _ in embeddings[(p, d)]]),
+                np.concatenate([e for _, e in embeddings[(p, d)]])) if embed else None
+
+    # Small and not embedded in the pass: here, with no worker start-up (``diversity_on_driver``);
+    # else one task per group, from the embeddings the pass made (``lpips_in_pass``) or the images.
+    if spec.diversity_on_driver and not embed:
         blocks = ray.get(pair_refs)
-        diversity = [diversity_of_group(p, d, references, spec.lpips_kind, spec.weights_dir, 0.0, *blocks,
-                                        embeddings=(np.concatenate([i for i, _ in embeddings[(p, d)]]),
-                                                    np.concatenate([e for _, e in embeddings[(p, d)]]))
-                                        if embed else None)
+        diversity = [diversity_of_group(p, d, references, spec.lpips_kind, spec.weights_dir, 0.0, *blocks)
                      for p, d in groups]
     else:
         task = ray.remote(num_cpus=1, num_gpus=spec.num_gpus_per_actor or None,
                           scheduling_strategy=outside_placement_group())(diversity_of_group)
         references_ref = ray.put(references)
         diversity = ray.get([task.remote(p, d, references_ref, spec.lpips_kind, spec.weights_dir,
-                                         spec.num_gpus_per_actor, *pair_refs) for p, d in groups])
+                                         spec.num_gpus_per_actor, *pair_refs, embeddings=group_embeddings(p, d))
+                             for p, d in groups])
     ray.get(warming)  # done long since; surfaces a failure to build the model
     timings["diversity_s"] = time.perf_counter() - t3
     t4 = time.perf_counter()

@@ -516,6 +516,7 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     if checkpoint is not None:
         n_pairs = ev.n_per_defect * sum(len(context["classes"][p]) for p in products)
         spec.diversity_on_driver = diversity_on_driver(ev.diversity, n_pairs, resolution)
+        spec.lpips_in_pass = ev.diversity == "auto"
     else:  # the folder's size is known once it is read: only an explicit choice applies
         spec.diversity_on_driver = ev.diversity == "driver"
     if checkpoint is not None:
