@@ -205,8 +205,9 @@ def bench_eval(args: argparse.Namespace) -> dict:
                                                                  "loop_one_thread_s"))
 
     print(f"[benchmark eval] {len(rows)} pairs ({method}), {len(real['reference'])} real reference images, "
-          f"batch size {spec.batch_size}, {args.num_actors} concurrent map task(s), diversity on the "
-          f"{'driver' if spec.diversity_on_driver else 'cluster (tasks)'}")
+          f"batch size {spec.batch_size}, {args.num_actors} concurrent map task(s), diversity "
+          + ("as tasks from LPIPS embeddings made in the pass" if cold.lpips_in_pass else
+             "on the driver" if spec.diversity_on_driver else "as tasks from the pair blocks"))
     print(f"  sequential loop, first           : {seq_first_s:8.2f} s  ({threads} torch threads)")
     print(f"  pipeline, first on this cluster  : {cold_s:8.2f} s  ratio {cold_s / seq_first_s:.2f}  ("
           + ", ".join(f"{k} {v:.2f}" for k, v in cold.timings.items()) + ")")

@@ -42,7 +42,7 @@ def _plain_loop():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tasks", "driver", "auto"])
-def test_pipeline_metrics_equal_plain_loop(ray_session, synth_root, tmp_path, mode):
+def test_pipeline_metrics_equal_plain_loop(ray_session, synth_root, tmp_path, mode, monkeypatch):
     """One actor pass + driver-side statistics give the plain loop's FID/KID/IS/LPIPS/IC-LPIPS/mask
     numbers per defect type, with 2 actors and a last generation batch that is not full (18 pairs, batch 4).
 
@@ -77,6 +77,16 @@ def test_pipeline_metrics_equal_plain_loop(ray_session, synth_root, tmp_path, mo
     assert result.lpips_in_pass == (mode == "auto")
     n_types = sum(len(d) for d in classes.values())
     assert len(result.fidelity) == (n_types + len(classes) + 1 if mode != "tasks" else 0)
+    if mode != "tasks":  # the numbers below must come from the pipeline's per-level tasks, not be redone here
+        from defectforge.evaluate import pipeline
+
+        groups = {(r["product"], r["defect"]) for r in rows}
+        assert set(result.fidelity) == set(pipeline.fidelity_levels(classes, groups))
+
+        def not_here(*args, **kwargs):
+            raise AssertionError("fidelity_and_diversity recomputed a level the pipeline's tasks had computed")
+
+        monkeypatch.setattr(pipeline, "level_fidelity", not_here)
     names = {"fid": "fid_randfeat", "kid": "kid_randfeat", "is": "is_randfeat", "lpips": "lpips_randnet",
              "ic_lpips": "ic_lpips_randnet"}
     metrics = fidelity_and_diversity(result, classes, names)

@@ -163,8 +163,8 @@ def test_lpips_from_cached_features_equals_the_models_forward(lpips_randnet):
 
 def test_lpips_embedding_needs_the_packages_non_negative_weights(lpips_randnet):
     """The embedding of ``LpipsDistance.features`` is exact only for non-negative 1x1 weights
-    without bias (what the package ships); a model with a negative weight is refused, not embedded
-    wrongly, and zero-weight channels are left out of the embedding."""
+    without bias (what the package ships); a model with a negative weight or a bias is refused, not
+    embedded wrongly, and zero-weight channels are left out of the embedding."""
     import copy
 
     import torch
@@ -176,6 +176,11 @@ def test_lpips_embedding_needs_the_packages_non_negative_weights(lpips_randnet):
     with torch.no_grad():
         conv.weight[0, 0, 0, 0] = -0.1
     with pytest.raises(ValueError, match="negative weight"):
+        LpipsDistance(model, "bad")
+    model = copy.deepcopy(lpips_randnet.model)
+    conv = next(m for m in model.lins[1].modules() if isinstance(m, torch.nn.Conv2d))
+    conv.bias = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="a bias"):
         LpipsDistance(model, "bad")
     # 5 layers at 64 px: 15x15, 7x7, 3x3, 3x3, 3x3 positions times the channels with w > 0
     keep = [int((next(m for m in lpips_randnet.model.lins[k].modules()

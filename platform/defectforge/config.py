@@ -182,7 +182,8 @@ class EvaluationConfig(_Strict):
                           "from <run_root>/cache/segmentation-real, keyed by a hash of its rows, seed and steps")
     diversity: Literal["auto", "driver", "tasks"] = Field(
         "auto", description="where LPIPS / IC-LPIPS / mask quality run: one Ray task per (product, defect) "
-                            "(scales out), the driver (no worker start-up), or auto = up to 64 MiB of pixels "
+                            "(scales out), the driver (no worker start-up; FID/KID/IS still run as one Ray task "
+                            "per level), or auto = up to 64 MiB of pixels "
                             "generated from a checkpoint, the evaluation's map tasks also make each image's LPIPS "
                             "embedding and the per-type tasks only compare them (the driver if the embeddings "
                             "exceed 256 MiB); otherwise, and for pairs read from --generated, tasks")

@@ -102,7 +102,7 @@ class PipelineSpec:
     progress: bool = False  # a line per finished block (rows done, rate); Ray Data's bars need a terminal
 
 
-# Generated pixels (images + masks) up to which the diversity stage runs in the driver's process.
+# Generated pixels (images + masks) up to which an evaluation counts as small (``diversity_on_driver``).
 DRIVER_DIVERSITY_MAX_BYTES = 64 * 2**20
 
 
@@ -143,19 +143,22 @@ BLOCKS_PER_WORKER = 2
 
 
 def diversity_on_driver(mode: str, n_pairs: int, resolution: int) -> bool:
-    """Where the diversity stage (LPIPS, IC-LPIPS, mask quality per group) runs.
+    """Whether an evaluation is small: its diversity stage (LPIPS, IC-LPIPS, mask quality per
+    group) does not run as plain per-group tasks over the pair blocks.
 
-    ``tasks``: one Ray task per (product, defect), anywhere on the cluster: the path that scales
-    out. ``driver``: in this process, reading the pair blocks from the object store. ``auto``
-    (``evaluation.diversity``'s default): the driver when the generated pixels are at most
-    ``DRIVER_DIVERSITY_MAX_BYTES`` (64 MiB: 1 000+ pairs at 128 px), else tasks. Why: a fresh
-    worker imports torch, torchvision and LPIPS before its first group (5.2 s of a 96-pair
-    evaluation's 13.1 s here, measured with ``jobs/benchmark.py eval``), while the driver has them
-    loaded and the work itself took 0.7 s. A big evaluation keeps its tasks, spread over the
-    cluster's CPUs or GPUs. In a sweep trial the evaluating process is the trial's evaluation task,
-    which asks Ray for no CPU (``sweep/runner.py``): the driver-side diversity of a small
-    evaluation (under a second of CPU) runs unreserved beside the trainings, like the rest of that
-    task's bookkeeping.
+    ``tasks``: one Ray task per (product, defect), anywhere on the cluster, each computing its
+    images' LPIPS embeddings: the path that scales out. ``driver``: in this process, reading the
+    pair blocks from the object store. ``auto`` (``evaluation.diversity``'s default): small when
+    the generated pixels are at most ``DRIVER_DIVERSITY_MAX_BYTES`` (64 MiB: 1 000+ pairs at
+    128 px), else tasks. A small ``auto`` evaluation has the map tasks make the LPIPS embeddings
+    (``lpips_in_pass``) and its group tasks, on the same warm workers, only compare them; if the
+    embeddings would be too big to ship it runs in this process as ``driver`` does. Why not plain
+    tasks for a small evaluation: a fresh worker imports torch, torchvision and LPIPS before its
+    first group (5.2 s of a 96-pair evaluation's 13.1 s here, measured with ``jobs/benchmark.py
+    eval``), and the work itself is under a second. In a sweep trial the evaluating process is the
+    trial's evaluation task, which asks Ray for no CPU (``sweep/runner.py``): the group and
+    FID/KID/IS tasks (1 CPU each, a fraction of a second) queue for a CPU like the trial's map
+    and segmentation tasks; in ``driver`` mode the diversity runs unreserved in that process.
     """
     if mode not in ("auto", "driver", "tasks"):
         raise ValueError(f"evaluation.diversity: unknown mode {mode!r} (auto | driver | tasks)")
@@ -193,6 +196,7 @@ class PipelineResult:
     # ``level_fidelity`` per ``Level`` (run_pipeline's ``classes``); empty: the caller computes them
     fidelity: dict[Any, dict[str, float]] = field(default_factory=dict)
     lpips_in_pass: bool = False  # the diversity used LPIPS embeddings made by the map tasks
+    kid_subsets: int = 100  # the KID subsets of ``fidelity``
 
 
 def actor_cpus(num_actors: int, reserve: float = 1.0) -> float:
@@ -529,11 +533,14 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
         diversity = [diversity_of_group(p, d, references, spec.lpips_kind, spec.weights_dir, 0.0, *blocks)
                      for p, d in groups]
     else:
-        task = ray.remote(num_cpus=1, num_gpus=spec.num_gpus_per_actor or None,
+        # Comparing embeddings made in the pass is a CPU matrix product: no GPU for those tasks
+        # (a GPU task's worker exits after each call, so each group would rebuild LPIPS).
+        gpus = 0.0 if embed else spec.num_gpus_per_actor
+        task = ray.remote(num_cpus=1, num_gpus=gpus or None,
                           scheduling_strategy=outside_placement_group())(diversity_of_group)
         references_ref = ray.put(references)
         diversity = ray.get([task.remote(p, d, references_ref, spec.lpips_kind, spec.weights_dir,
-                                         spec.num_gpus_per_actor, *pair_refs, embeddings=group_embeddings(p, d))
+                                         gpus, *pair_refs, embeddings=group_embeddings(p, d))
                              for p, d in groups])
     ray.get(warming)  # done long since; surfaces a failure to build the model
     timings["diversity_s"] = time.perf_counter() - t3
@@ -547,4 +554,5 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
         logits={k: np.concatenate(v) for k, v in logits.items()},
         diversity=[{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()} for r in diversity],
         pair_refs=pair_refs, pairs_path=pairs_path, features_path=features_path,
-        n_generated=int(n_generated), timings=timings, fidelity=fidelity, lpips_in_pass=bool(embed))
+        n_generated=int(n_generated), timings=timings, fidelity=fidelity, lpips_in_pass=bool(embed),
+        kid_subsets=kid_subsets)

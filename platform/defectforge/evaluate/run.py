@@ -146,7 +146,7 @@ def fidelity_and_diversity(result: Any, classes: dict[str, tuple[str, ...]], nam
 
     def level(key: tuple[str | None, str | None]) -> dict[str, float]:
         """FID / KID / IS of a level: from the pipeline's tasks (``PipelineResult.fidelity``), else here."""
-        got = getattr(result, "fidelity", {}).get(key)
+        got = getattr(result, "fidelity", {}).get(key) if getattr(result, "kid_subsets", None) == kid_subsets else None
         if got is None:
             got = level_fidelity(*pool_level(result.stats, result.features, result.logits, key, with_pairs),
                                  kid_subsets=kid_subsets)

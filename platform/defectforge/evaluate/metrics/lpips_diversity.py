@@ -235,7 +235,7 @@ def mean_pairwise_lpips(images: Any, model: Any, max_pairs: int | None = None, s
     if max_pairs is not None and len(i) > max_pairs:
         keep = np.sort(np.random.default_rng(seed).choice(len(i), size=max_pairs, replace=False))
         i, j = i[keep], j[keep]
-    if isinstance(dist, LpipsDistance):  # one backbone pass per image, one matrix product per layer
+    if isinstance(dist, LpipsDistance):  # one backbone pass per image, one matrix product for all pairs
         feats = dist.features(arr)
         return float(np.sum(dist.distance_matrix(feats, feats)[i, j])) / len(i)
     total = 0.0
