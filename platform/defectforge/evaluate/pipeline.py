@@ -345,6 +345,12 @@ def _keep_pairs(batch: dict[str, np.ndarray], products: list[str], resolution: i
 Level = tuple  # (product, defect): one group; (product, None): a product; (None, None): overall
 
 
+def products_with_pairs(classes: dict[str, tuple[str, ...]], generated: set[tuple[str, str]]) -> list[str]:
+    """The products of ``classes`` with at least one generated (product, defect) group, in order:
+    the products the product and overall levels report."""
+    return [p for p in classes if any((p, d) in generated for d in classes[p])]
+
+
 def fidelity_levels(classes: dict[str, tuple[str, ...]], generated: set[tuple[str, str]],
                     scope: str = "all") -> list[Level]:
     """The levels FID, KID and IS pool their rows over (``run.py``'s level conventions): each
@@ -352,7 +358,7 @@ def fidelity_levels(classes: dict[str, tuple[str, ...]], generated: set[tuple[st
     group and the overall level (those products together)."""
     if scope not in ("all", "groups"):
         raise ValueError(f"fidelity scope: unknown {scope!r} (all | groups)")
-    products = [p for p in classes if any((p, d) in generated for d in classes[p])]
+    products = products_with_pairs(classes, generated)
     levels: list[Level] = [(p, d) for p in products for d in classes[p] if (p, d) in generated]
     if scope == "all":
         levels += [(p, None) for p in products] + [(None, None)]
@@ -506,6 +512,8 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
             n_generated += len(keys)
     if n_generated == 0:
         raise ValueError("the pipeline generated no pairs")
+    features_of = {k: np.concatenate(v) for k, v in features.items()}
+    logits_of = {k: np.concatenate(v) for k, v in logits.items()}
     timings["features_to_driver_s"] = time.perf_counter() - t1
 
     t3 = time.perf_counter()
@@ -513,15 +521,15 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     if classes is not None:  # on the cluster's CPUs, while the driver does the diversity below
         fid_task = ray.remote(num_cpus=1, scheduling_strategy=outside_placement_group())(level_fidelity)
         generated_groups = {k[1:] for k in features if k[0] == GENERATED}
-        products = [p for p in classes if any((p, d) in generated_groups for d in classes[p])]
-        tables = ({k: v for k, v in stats.items()}, {k: np.concatenate(v) for k, v in features.items()},
-                  {k: np.concatenate(v) for k, v in logits.items()})
-        fidelity_refs = {level: fid_task.remote(*pool_level(*tables, level, products), kid_subsets)
+        products = products_with_pairs(classes, generated_groups)
+        fidelity_refs = {level: fid_task.remote(*pool_level(stats, features_of, logits_of, level, products),
+                                                kid_subsets)
                          for level in fidelity_levels(classes, generated_groups, fidelity_scope)}
     # One Ray task per (product, defect): each reads the pair blocks from the object store and keeps
     # its group. Tasks release their CPU when done, unlike a hash shuffle feeding an actor pool,
     # which deadlocked when the pool's actor and the shuffle's tasks wanted the same two CPUs.
     groups = sorted({k[1:] for k in features if k[0] == GENERATED})
+
     def group_embeddings(p: str, d: str) -> tuple[np.ndarray, np.ndarray] | None:
         return (np.concatenate([i for i, _ in embeddings[(p, d)]]),
                 np.concatenate([e for _, e in embeddings[(p, d)]])) if embed else None
@@ -550,8 +558,8 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     timings["pipeline_s"] = time.perf_counter() - t0
     return PipelineResult(
         stats=dict(stats),
-        features={k: np.concatenate(v) for k, v in features.items()},
-        logits={k: np.concatenate(v) for k, v in logits.items()},
+        features=features_of,
+        logits=logits_of,
         diversity=[{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()} for r in diversity],
         pair_refs=pair_refs, pairs_path=pairs_path, features_path=features_path,
         n_generated=int(n_generated), timings=timings, fidelity=fidelity, lpips_in_pass=bool(embed),

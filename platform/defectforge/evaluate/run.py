@@ -139,10 +139,9 @@ def fidelity_and_diversity(result: Any, classes: dict[str, tuple[str, ...]], nam
                            kid_subsets: int = 100) -> dict[str, Any]:
     """Per (product, defect), per product and overall metric dicts from a ``PipelineResult``."""
     from defectforge.evaluate.actors import GENERATED
-    from defectforge.evaluate.pipeline import level_fidelity, pool_level
+    from defectforge.evaluate.pipeline import level_fidelity, pool_level, products_with_pairs
 
-    generated = {k[1:] for k in result.stats if k[0] == GENERATED}
-    with_pairs = [p for p in classes if any((p, d) in generated for d in classes[p])]
+    with_pairs = products_with_pairs(classes, {k[1:] for k in result.stats if k[0] == GENERATED})
 
     def level(key: tuple[str | None, str | None]) -> dict[str, float]:
         """FID / KID / IS of a level: from the pipeline's tasks (``PipelineResult.fidelity``), else here."""
