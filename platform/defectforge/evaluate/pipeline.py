@@ -365,17 +365,26 @@ def fidelity_levels(classes: dict[str, tuple[str, ...]], generated: set[tuple[st
     return levels
 
 
-def pool_level(stats: dict, features: dict, logits: dict, level: Level, products: list[str]) -> tuple:
-    """(generated stats, real stats, generated features, real features, generated logits) of one
-    level, pooled over its groups in sorted order (None where the level has no rows)."""
-    from defectforge.evaluate.actors import GENERATED, REAL
-
+def level_match(level: Level, products: list[str]) -> Any:
+    """The (product, defect) filter of a level: one group, one product's groups, or (overall) the
+    groups of ``products`` (``products_with_pairs``). One predicate for the FID/KID/IS pools and
+    ``run.fidelity_and_diversity``'s diversity means."""
     product, defect = level
 
     def match(p: str, d: str) -> bool:
         if product is None:
             return p in products
         return p == product and (defect is None or d == defect)
+
+    return match
+
+
+def pool_level(stats: dict, features: dict, logits: dict, level: Level, products: list[str]) -> tuple:
+    """(generated stats, real stats, generated features, real features, generated logits) of one
+    level, pooled over its groups in sorted order (None where the level has no rows)."""
+    from defectforge.evaluate.actors import GENERATED, REAL
+
+    match = level_match(level, products)
 
     def pooled(table: dict, source: str) -> np.ndarray | None:
         parts = [v for (s, p, d), v in sorted(table.items()) if s == source and match(p, d)]

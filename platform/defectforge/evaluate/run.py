@@ -29,7 +29,6 @@ import os
 import sys
 import time
 from collections import defaultdict
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,22 +129,17 @@ def load_real(cfg: ConfigBase, root: Path, products: list[str], resolution: int)
 
 
 # ---------------------------------------------------------------------------------- metrics
-def _is_group(product: str, defect: str | None, pp: str, dd: str) -> bool:
-    """Row filter of one (product, defect) group, or of a whole product when ``defect`` is None."""
-    return pp == product and (defect is None or dd == defect)
-
-
 def fidelity_and_diversity(result: Any, classes: dict[str, tuple[str, ...]], names: dict[str, str],
                            kid_subsets: int = 100) -> dict[str, Any]:
     """Per (product, defect), per product and overall metric dicts from a ``PipelineResult``."""
     from defectforge.evaluate.actors import GENERATED
-    from defectforge.evaluate.pipeline import level_fidelity, pool_level, products_with_pairs
+    from defectforge.evaluate.pipeline import level_fidelity, level_match, pool_level, products_with_pairs
 
     with_pairs = products_with_pairs(classes, {k[1:] for k in result.stats if k[0] == GENERATED})
 
     def level(key: tuple[str | None, str | None]) -> dict[str, float]:
         """FID / KID / IS of a level: from the pipeline's tasks (``PipelineResult.fidelity``), else here."""
-        got = getattr(result, "fidelity", {}).get(key) if getattr(result, "kid_subsets", None) == kid_subsets else None
+        got = result.fidelity.get(key) if result.kid_subsets == kid_subsets else None
         if got is None:
             got = level_fidelity(*pool_level(result.stats, result.features, result.logits, key, with_pairs),
                                  kid_subsets=kid_subsets)
@@ -176,9 +170,9 @@ def fidelity_and_diversity(result: Any, classes: dict[str, tuple[str, ...]], nam
                           **{k: float(v) for k, v in div.get((p, d), {}).items() if k in div_keys}}
         if not defects:
             continue
-        of_product = partial(_is_group, p, None)
-        products[p] = {"metrics": {**level((p, None)), **diversity_mean(of_product)}, "defects": defects}
-    overall = {**level((None, None)), **diversity_mean(lambda pp, dd: pp in products)}
+        products[p] = {"metrics": {**level((p, None)), **diversity_mean(level_match((p, None), with_pairs))},
+                       "defects": defects}
+    overall = {**level((None, None)), **diversity_mean(level_match((None, None), with_pairs))}
     return {"products": products, "overall": overall}
 
 
