@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,28 @@ def test_a_methods_run_preset_layers_between_the_global_preset_and_the_user(tmp_
                           config_file=cfg_file).train.checkpoint_every == 50
     assert resolve_config(method="defect-synth", preset="laptop",
                           overrides=["train.checkpoint_every=7"]).train.checkpoint_every == 7
+
+
+def test_local_paths_are_stored_absolute_so_trials_in_other_folders_find_them(tmp_path, monkeypatch):
+    # Tune runs each trial in its own working folder: `--data data/synth` typed in the user's folder
+    # must reach the trial as that folder (a sweep's every trial failed with "dataset folder not found").
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config(method="anomaly-diffusion", preset="tiny", overrides=[
+        "data.path=data/synth", "data.split.metadata=meta.csv", "data.split.manifest=~/split.csv",
+        "evaluation.weights_dir=weights", "method.backbone.path=runs/bb/generator"])
+    assert cfg.data.path == str(tmp_path / "data" / "synth")
+    assert cfg.data.split.metadata == str(tmp_path / "meta.csv")
+    assert cfg.data.split.manifest == str(Path.home() / "split.csv")
+    assert cfg.evaluation.weights_dir == str(tmp_path / "weights")
+    assert cfg.method.backbone.path == str(tmp_path / "runs" / "bb" / "generator")
+    monkeypatch.chdir(tmp_path / "..")  # re-validated elsewhere (a worker): unchanged
+    assert with_overrides(cfg, {}).data.path == cfg.data.path
+    assert resolve_config(preset="tiny").data.path is None  # null stays null (the built-in data)
+
+
+def test_a_relative_search_space_file_is_loaded_by_its_absolute_path(tmp_path, monkeypatch):
+    from defectforge.sweep.space import REPO_SPACES, load_space
+
+    (tmp_path / "s.yaml").write_text((REPO_SPACES / "crop_paste.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert load_space("s.yaml").source == tmp_path / "s.yaml"

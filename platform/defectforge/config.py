@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 # tiny: seconds-scale tests (wiring, not quality); laptop: meaningful output on 2 CPUs within
 # minutes; paper: the papers' sizes, for GPUs.
@@ -31,6 +40,21 @@ PRESETS = ("tiny", "laptop", "paper")
 
 
 from defectforge.errors import ConfigError  # noqa: E402  (re-exported: ``config.ConfigError``)
+
+
+def _absolute(value: str | None) -> str | None:
+    """A local path made absolute where the configuration is validated (the driver's working folder).
+
+    Why: Ray Tune starts each trial in its own working folder (``RAY_CHDIR_TO_TRIAL_DIR``), and Ray
+    workers on other nodes start elsewhere, so a relative path the user typed (``--data data/synth``)
+    named a folder that did not exist there and every trial of a sweep failed. The logged
+    configuration then also names the folder unambiguously. Idempotent: an absolute path is kept.
+    """
+    return None if value is None else str(Path(value).expanduser().absolute())
+
+
+# A file or folder on this machine, given in any form and stored absolute (see ``_absolute``).
+LocalPath = Annotated[str | None, AfterValidator(_absolute)]
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -77,19 +101,12 @@ class SplitConfig(_Strict):
     k: int = Field(5, ge=1, description="images per defect type in train (first-k)")
     train_fraction: float = Field(1 / 3, gt=0, lt=1, description="share of groups in train (group)")
     group_column: str = "group"
-    metadata: str | None = Field(
+    metadata: LocalPath = Field(
         None, description="CSV with columns cls,id,<group_column>; default <data>/metadata.csv"
     )
-    manifest: str | None = Field(
+    manifest: LocalPath = Field(
         None, description="CSV with columns product,defect,id,side (side: train or test) for protocol=manifest"
     )
-
-    @field_validator("manifest")
-    @classmethod
-    def _absolute_manifest(cls, value: str | None) -> str | None:
-        # Resolved where the configuration is validated (the driver), so Ray workers started in
-        # other directories read the same file, and the logged config names it unambiguously.
-        return None if value is None else str(Path(value).expanduser().absolute())
 
     @model_validator(mode="after")
     def _manifest_needs_a_file(self) -> SplitConfig:
@@ -108,7 +125,7 @@ class SynthConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    path: str | None = Field(None, description="dataset root (MVTec layout); null = built-in synthetic")
+    path: LocalPath = Field(None, description="dataset root (MVTec layout); null = built-in synthetic")
     products: list[str] | None = Field(None, description="products to use; null = all")
     resolution: int = Field(256, ge=16, le=2048)
     split: SplitConfig = SplitConfig()
@@ -168,7 +185,7 @@ class SamplingConfig(_Strict):
 
 class EvaluationConfig(_Strict):
     feature_extractor: Literal["standard", "randfeat"] = "standard"
-    weights_dir: str | None = Field(None, description="local dir with Inception/LPIPS weights; env DEFECTFORGE_WEIGHTS")
+    weights_dir: LocalPath = Field(None, description="local dir with Inception/LPIPS weights; env DEFECTFORGE_WEIGHTS")
     require_standard_weights: bool = Field(
         False, description="feature_extractor=standard without the weights files is an error; false = use the "
                            "stand-in extractors (metric names suffixed _randfeat/_randnet) and say so in one line")

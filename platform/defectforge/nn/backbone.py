@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from defectforge.config import ConfigError, MethodConfigBase, _Strict
+from defectforge.config import ConfigError, LocalPath, MethodConfigBase, _Strict
 
 #: Fields that fix the architecture trained here (a copied checkpoint must agree on all of them).
 ARCH_FIELDS = ("arch", "latent_downsample", "widths", "layers_per_block", "attention_resolution",
@@ -87,7 +87,7 @@ MASK_CAPTION = "a defect mask"
 class BackboneConfig(_Strict):
     """``method.backbone`` of the methods built on the shared backbone (module docstring)."""
 
-    path: str | None = Field(None, description="null = train here (stage 'backbone'); a diffusers SD-1.x folder "
+    path: LocalPath = Field(None, description="null = train here (stage 'backbone'); a diffusers SD-1.x folder "
                                                "(unet/, vae/, text_encoder/, tokenizer/) = frozen, loaded from it; "
                                                "a defectforge checkpoint with a 'backbone' module = copied from it")
     arch: Literal["unet", "dit"] = Field("unet", description="unet (SD layout) or dit (DefectDiffu's segmented DiT; "

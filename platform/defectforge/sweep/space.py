@@ -264,7 +264,8 @@ def load_space(path_or_method: str | os.PathLike[str], preset: str = "tiny") -> 
     text = str(path_or_method)
     is_path = isinstance(path_or_method, os.PathLike) or text.endswith((".yaml", ".yml")) or os.sep in text \
         or Path(text).is_file()
-    path = Path(text) if is_path else find_space_file(text)
+    # Absolute: the trials load the same file again from Tune's per-trial working folders.
+    path = Path(text).expanduser().absolute() if is_path else find_space_file(text)
     try:
         data = load_yaml(path)
     except ConfigError as exc:
