@@ -38,12 +38,11 @@ Pure torch + diffusers: no Ray, no MLflow.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -58,6 +57,10 @@ from defectforge.nn.unets import (
     build_patch_unet,
     time_embed_dim,
 )
+
+if TYPE_CHECKING:  # diffusers is imported where a model is built: every process that validates a
+    # config imports this module (the registry's config union), and diffusers costs ~1.5 s there
+    from diffusers import DDIMScheduler, DDPMScheduler
 
 STAGE = "diffusion"
 
@@ -195,6 +198,8 @@ class DefectGen(Generator):
         n_products = len(context.products)
         self.embed_large = LabelEmbedding(n_products, self.num_mask_channels, time_embed_dim(self.unet_large))
         self.embed_small = LabelEmbedding(n_products, self.num_mask_channels, time_embed_dim(self.unet_small))
+        from diffusers import DDPMScheduler
+
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
             prediction_type=config.prediction_type, clip_sample=True, timestep_spacing="trailing")
@@ -321,6 +326,8 @@ class DefectGen(Generator):
         steps = T if steps is None else int(steps)
         if not 1 <= steps <= T:
             raise ValueError(f"sampling.steps={steps} must be in 1..{T} (method.num_train_timesteps)")
+        from diffusers import DDIMScheduler, DDPMScheduler
+
         if sampler == "ddpm":
             sched = DDPMScheduler.from_config(self.noise_scheduler.config)
         elif sampler == "ddim":
