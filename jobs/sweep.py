@@ -1,7 +1,8 @@
 """``ray job submit --working-dir . -- python jobs/sweep.py --method crop-paste --trials 4 ...``
 
 Any registered method's sweep, with the same flags and code path as ``defectforge sweep`` (see
-``--help``; ``--method`` picks the generator and ``search_spaces/<method>.yaml``). The main job,
+``--help``; ``--method`` picks the generator and ``search_spaces/<method>.yaml``, or
+``<method>_<preset>.yaml`` when the preset has its own). The main job,
 ``jobs/sweep_defectgen.py``, is this with Defect-Gen and an embedded laptop-sized default.
 """
 

@@ -188,8 +188,30 @@ def test_defectgen_space_loads_and_its_points_validate():
         fields.append(cfg.method.receptive_field)
     assert fields == ["small", "medium", "large"]  # each trained generator early, the paper's first
     # the laptop and paper presets accept the space as well (the laptop checks u against u_range)
-    assert load_space("defect-gen", preset="laptop").parameters == space.parameters
+    assert load_space(space.source, preset="laptop").parameters == space.parameters
     assert load_space("defect-gen", preset="paper").parameters == space.parameters
+
+
+def test_a_presets_own_space_file_wins_for_that_preset_only(tmp_path, monkeypatch):
+    """``<method>_<preset>.yaml`` is the default space of that preset's sweeps (the laptop files
+    bound what a 2-CPU sweep trains and samples); other presets keep ``<method>.yaml``."""
+    assert load_space("defect-gen", preset="laptop").source == REPO_SPACES / "defect_gen_laptop.yaml"
+    assert load_space("defect-gen", preset="tiny").source == REPO_SPACES / "defect_gen.yaml"
+    laptop = load_space("anomaly-diffusion", preset="laptop")
+    assert laptop.source == REPO_SPACES / "anomaly_diffusion_laptop.yaml"
+    general = load_space("anomaly-diffusion", preset="paper")
+    assert general.source == REPO_SPACES / "anomaly_diffusion.yaml"
+    assert to_optuna(laptop)["sampling.steps"] == IntDistribution(10, 25)
+    assert to_optuna(general)["sampling.steps"] == IntDistribution(10, 50)
+    assert to_optuna(laptop)["method.mask_guidance"].high == 2.0
+    assert set(to_optuna(laptop)) == set(to_optuna(general))  # the same parameters, narrower bounds
+    # a preset file under the working directory wins over the repository's general file too
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "search_spaces").mkdir()
+    (tmp_path / "search_spaces" / "crop_paste_laptop.yaml").write_text(
+        "method: crop-paste\nparameters:\n  method.scale_min: {type: float, low: 0.5, high: 0.9}\n")
+    assert load_space("crop-paste", preset="laptop").source == tmp_path / "search_spaces" / "crop_paste_laptop.yaml"
+    assert load_space("crop-paste", preset="tiny").source == REPO_SPACES / "crop_paste.yaml"
 
 
 def test_laptop_main_job_space_sweeps_two_receptive_fields_inside_the_trained_u_range():

@@ -218,7 +218,8 @@ class TrackingConfig(_Strict):
 
 class SweepConfig(_Strict):
     name: str | None = Field(None, description="sweep name; the same name + storage resumes; default sweep-<method>")
-    space: str | None = Field(None, description="search-space YAML; default search_spaces/<method>.yaml")
+    space: str | None = Field(None, description="search-space YAML; default search_spaces/<method>_<preset>.yaml "
+                                                "if it exists, else search_spaces/<method>.yaml")
     num_trials: int = Field(4, ge=1)
     max_concurrent: int | None = Field(None, ge=1, description="trials at once over the whole sweep (all studies); "
                                           "default: what the cluster's resources hold")

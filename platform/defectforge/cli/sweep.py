@@ -44,7 +44,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset root in MVTec layout (default: built-in synthetic)")
     p.add_argument("--products", help="comma-separated products")
     p.add_argument("--mode", choices=("per-product", "multi-product"), default=None)
-    p.add_argument("--space", help="search-space YAML (default: search_spaces/<method>.yaml)")
+    p.add_argument("--space", help="search-space YAML (default: search_spaces/<method>_<preset>.yaml if it exists, "
+                                   "else search_spaces/<method>.yaml)")
     p.add_argument("--trials", type=int, default=None, help="trials per study")
     p.add_argument("--concurrency", type=int, default=None, help="max concurrent trials")
     p.add_argument("--objective", help="metric or metric:mode,metric:mode (multi-objective)")

@@ -233,23 +233,27 @@ def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------- loading
-def find_space_file(method: str) -> Path:
-    """``search_spaces/<method>.yaml`` next to the package, else under the working directory,
-    else in a ``DEFECTFORGE_PLUGINS`` folder.
+def find_space_file(method: str, preset: str | None = None) -> Path:
+    """``search_spaces/<method>_<preset>.yaml`` if there is one, else ``search_spaces/<method>.yaml``:
+    next to the package, else under the working directory, else in a ``DEFECTFORGE_PLUGINS`` folder.
 
     One name per method: the file is the method name with underscores for dashes
-    (``defect-gen`` -> ``defect_gen.yaml``), as its module is (``methods/defect_gen.py``).
+    (``defect-gen`` -> ``defect_gen.yaml``), as its module is (``methods/defect_gen.py``). A
+    preset's own file narrows the method's space to what that preset can afford (the laptop
+    files bound the sampling steps and the trainings a 2-CPU sweep runs); it wins in every root
+    before the method's general file is looked for.
     """
     from defectforge.methods.registry import plugin_dirs
 
-    stems = [method.replace("-", "_")]
+    stem = method.replace("-", "_")
+    stems = [f"{stem}_{preset}", stem] if preset else [stem]
     # A plugin method's space sits beside its module (see methods/registry.py).
     roots = dict.fromkeys([REPO_SPACES, Path(os.getcwd()) / "search_spaces", *plugin_dirs()])
     tried = []
-    for root in roots:
-        for stem in stems:
+    for name in stems:
+        for root in roots:
             for ext in (".yaml", ".yml"):
-                candidate = root / f"{stem}{ext}"
+                candidate = root / f"{name}{ext}"
                 if candidate.is_file():
                     return candidate
                 tried.append(str(candidate))
@@ -259,13 +263,14 @@ def find_space_file(method: str) -> Path:
 def load_space(path_or_method: str | os.PathLike[str], preset: str = "tiny") -> SearchSpace:
     """Load and validate a search space from a file path or a bare method name (see the module doc).
 
-    ``preset`` is the base config every parameter path and point is validated against.
+    ``preset`` is the base config every parameter path and point is validated against; for a
+    method name it also picks ``<method>_<preset>.yaml`` when that file exists (:func:`find_space_file`).
     """
     text = str(path_or_method)
     is_path = isinstance(path_or_method, os.PathLike) or text.endswith((".yaml", ".yml")) or os.sep in text \
         or Path(text).is_file()
     # Absolute: the trials load the same file again from Tune's per-trial working folders.
-    path = Path(text).expanduser().absolute() if is_path else find_space_file(text)
+    path = Path(text).expanduser().absolute() if is_path else find_space_file(text, preset)
     try:
         data = load_yaml(path)
     except ConfigError as exc:
