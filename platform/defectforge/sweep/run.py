@@ -29,15 +29,16 @@ def default_name(cfg: ConfigBase) -> str:
 def resume_record(cfg: ConfigBase, space_source: str | Path, objectives: list[Any],
                   products: list[str]) -> dict[str, Any]:
     """What a study's results depend on: the config (without tracking and sweep bookkeeping), the
-    search space's content and the objectives. A restored study must match it (``check_resume``)."""
-    import yaml
+    search space's content (its ``extends`` chain resolved: an edited base file is a changed space)
+    and the objectives. A restored study must match it (``check_resume``)."""
+    from defectforge.sweep.space import space_data
 
     d = cfg.to_dict()
     d.pop("tracking", None)
     for k in ("name", "max_concurrent", "storage_path", "register_model", "space", "num_trials"):
         d.get("sweep", {}).pop(k, None)
     d["data"]["products"] = list(products)
-    return {"config": d, "space": yaml.safe_load(Path(space_source).read_text()),
+    return {"config": d, "space": space_data(space_source),
             "objectives": [dict(o.__dict__) for o in objectives]}
 
 
@@ -161,13 +162,15 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
                            storage=storage, uri=uri, experiment=experiment, parent_run_id=parent_id,
                            objectives=objectives) for g in groups]
         if len(specs) == 1:
-            rows_per_study = [run_study(specs[0])]
+            results = [run_study(specs[0])]
         else:  # one Tune driver per product, as Ray tasks: concurrent when the cluster has room
-            rows_per_study = run_studies(specs, cfg)
+            results = run_studies(specs, cfg)
 
         studies = []
-        for spec, rows in zip(specs, rows_per_study):
-            study: dict[str, Any] = {"name": spec.name, "products": spec.products, "trials": rows}
+        for spec, result in zip(specs, results):
+            rows = result["trials"]
+            study: dict[str, Any] = {"name": spec.name, "products": spec.products, "trials": rows,
+                                     "lost": result["lost"]}
             if len(objectives) == 1:
                 best = best_row([r for r in rows if r["status"] == "done"], objectives[0])
                 study["best"] = best
@@ -191,10 +194,11 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     return summary
 
 
-def run_studies(specs: list[StudySpec], cfg: ConfigBase) -> list[list[dict[str, Any]]]:
+def run_studies(specs: list[StudySpec], cfg: ConfigBase) -> list[dict[str, Any]]:
     """Run the studies as Ray tasks (one Tune driver each), as many at once as the sweep may run
     trials at once (``sweep.max_concurrent``, else what the cluster holds at the trials' peak),
-    each study getting its share of that concurrency. Returns each study's rows, in ``specs`` order.
+    each study getting its share of that concurrency. Returns each study's ``run_study`` result,
+    in ``specs`` order.
 
     Why not every study at once: each study's Tune driver starts its own trials, which know
     nothing of the other studies' CPU needs; more studies than the sweep's concurrency would
@@ -217,14 +221,14 @@ def run_studies(specs: list[StudySpec], cfg: ConfigBase) -> list[list[dict[str, 
     if at_once < len(specs):
         print(f"[sweep] {at_once} study(ies) at a time: the sweep runs at most {total} trial(s) at once", flush=True)
     remote = ray.remote(num_cpus=0, max_retries=0)(run_study)
-    queue, running, rows = list(range(len(specs))), {}, {}
+    queue, running, results = list(range(len(specs))), {}, {}
     while queue or running:
         while queue and len(running) < at_once:
             i = queue.pop(0)
             running[remote.remote(specs[i])] = i
         [ready], _ = ray.wait(list(running), num_returns=1)
-        rows[running.pop(ready)] = ray.get(ready)
-    return [rows[i] for i in range(len(specs))]
+        results[running.pop(ready)] = ray.get(ready)
+    return [results[i] for i in range(len(specs))]
 
 
 def ui_command(uri: str, run_root: Path) -> str:
@@ -234,7 +238,8 @@ def ui_command(uri: str, run_root: Path) -> str:
 
 
 def results_table(summary: dict[str, Any]) -> str:
-    """A plain-text table of every trial: study, status, parameters, objectives."""
+    """A plain-text table of every trial: study, status, parameters, objectives; a trial lost with an
+    interrupted driver (``run_study``) is listed with status ``lost``, as its KILLED MLflow run is."""
     objectives = [o["metric"] for o in summary["objectives"]]
     rows = [r for s in summary["studies"] for r in s["trials"]]
     params = sorted({k for r in rows for k in r.get("params", {})})
@@ -244,6 +249,8 @@ def results_table(summary: dict[str, Any]) -> str:
         lines.append([r["study"], str(r.get("trial_id") or "?"), r["status"],
                       *[_fmt(r.get("params", {}).get(p)) for p in params],
                       *[_fmt(r.get(o)) for o in objectives], _fmt(r.get("loss"))])
+    for s in summary["studies"]:
+        lines += [[s["name"], t, "lost", *["-"] * (len(head) - 3)] for t in s.get("lost", [])]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
 

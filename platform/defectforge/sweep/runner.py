@@ -312,8 +312,15 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
     tune.report({**objectives, **recorded})
 
 
-def run_study(spec: StudySpec) -> list[dict[str, Any]]:
-    """Fit (or restore and finish) one Tune study; returns one row per trial."""
+def run_study(spec: StudySpec) -> dict[str, Any]:
+    """Fit (or restore and finish) one Tune study.
+
+    Returns ``{"trials": one row per trial Tune knows, "lost": trial ids whose MLflow run was
+    opened by a trial that Tune's restored state never had}``. A driver killed after a trial
+    started but before Tune's next save of its state (at most every 10 s) loses that trial: Tune
+    runs another in its place; the lost trial's run is closed KILLED with the reason, and named
+    here so that the summary says so rather than leaving a run in MLflow that no summary lists.
+    (Its training is not lost: the train-once registry hands it to the trial that asks next.)"""
     from optuna.samplers import TPESampler
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -394,8 +401,12 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]]:
             outcomes[row["trial_id"]] = ("FAILED", f"trial errored: {row['error']}")
         else:  # the reason is worded from the trial's last metrics only for a stopped trial
             outcomes[row["trial_id"]] = ("KILLED", mlflow_runs.stop_reason(stopped_by, metrics))
-    mlflow_runs.close_study_runs(spec.uri, spec.experiment, spec.name, outcomes)
-    return rows
+    changed = mlflow_runs.close_study_runs(spec.uri, spec.experiment, spec.name, outcomes)
+    lost = sorted(t for t in changed if t not in outcomes)
+    for t in lost:
+        print(f"[sweep] {spec.name}: trial {t} was lost with the interrupted sweep driver (Tune had not saved "
+              "it yet); its MLflow run is now KILLED and another trial ran in its place", flush=True)
+    return {"trials": rows, "lost": lost}
 
 
 def study_trainable(spec: StudySpec) -> Any:

@@ -65,6 +65,14 @@ def fit_generator(cfg_dict: dict[str, Any], context_json: dict[str, Any], rows: 
     from defectforge.config import config_from_dict
 
     cfg = config_from_dict(cfg_dict)
+    # Ray Train V2 replaces ``print`` in its controller and workers by a root-logger call that also
+    # prints when stdout is wrapped, as it is in a Tune trial's processes: every line the training
+    # loop printed reached a sweep's console twice (measured: a 1-trial tiny sweep printed its
+    # step-20 line twice, once with this off). Train reads the setting here, from the process that
+    # calls ``fit`` (a sweep trial, a per-product task, the CLI), and passes it to the controller
+    # and the workers, so this covers a local cluster and a remote one alike. A user's own
+    # setting wins.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg_dict, "context": context_json, "rows": rows,
