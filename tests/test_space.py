@@ -214,6 +214,78 @@ def test_a_presets_own_space_file_wins_for_that_preset_only(tmp_path, monkeypatc
     assert load_space("crop-paste", preset="tiny").source == REPO_SPACES / "crop_paste.yaml"
 
 
+def test_extends_replaces_and_drops_parameters_and_keeps_or_replaces_the_points(tmp_path):
+    """A narrowing file states only what differs: its parameters replace the base's whole specs in
+    place (``null`` drops one), its points replace the base's, left out the base's are kept; the
+    resolved mapping is what the resume check compares, so an edit of the base is seen."""
+    from defectforge.sweep.run import resume_record
+    from defectforge.sweep.space import space_data
+
+    write(tmp_path, """\
+        method: defect-gen
+        parameters:
+          method.u: {type: int, low: 100, high: 500}
+          sampling.steps: {type: int, low: 10, high: 50}
+          train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+        points_to_evaluate:
+          - {method.u: 200, sampling.steps: 40}
+        objective: {metric: kid_randfeat, mode: min}
+        """, "base.yaml")
+    narrow = write(tmp_path, """\
+        extends: base.yaml
+        parameters:
+          sampling.steps: {type: int, low: 10, high: 25}
+          train.lr: null
+        points_to_evaluate:
+          - {method.u: 300, sampling.steps: 20}
+        """, "narrow.yaml")
+    space = load_space(narrow)
+    assert space.source == narrow and space.method == "defect-gen"
+    assert list(space.parameters) == ["method.u", "sampling.steps"]  # the base's order; lr dropped
+    assert to_optuna(space)["sampling.steps"] == IntDistribution(10, 25)
+    assert space.points_to_evaluate == [{"method.u": 300, "sampling.steps": 20}]
+    assert space.objective == {"metric": "kid_randfeat", "mode": "min"}  # inherited
+    # Without its own points the base's are kept, and checked against the narrowed ranges.
+    write(tmp_path, "extends: base.yaml\nparameters:\n  method.u: {type: int, low: 300, high: 500}\n", "keep.yaml")
+    with pytest.raises(SpaceError, match=r"keep.yaml: points_to_evaluate\[0\].*method.u.*200"):
+        load_space(tmp_path / "keep.yaml")
+    # An edited base is a changed space for the file extending it (a resumed sweep must match).
+    cfg = resolve_config(method="defect-gen", preset="tiny")
+    before = resume_record(cfg, narrow, [], ["fabric"])
+    base = tmp_path / "base.yaml"
+    base.write_text(base.read_text().replace("high: 500", "high: 600"))
+    assert resume_record(cfg, narrow, [], ["fabric"]) != before
+    assert space_data(narrow)["parameters"]["method.u"] == {"type": "int", "low": 100, "high": 600}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("extends: missing.yaml\nparameters: {}\n", r"bad.yaml: extends 'missing.yaml', but .*missing.yaml is not a file"),
+    ("extends: bad.yaml\n", r"'extends' forms a cycle: .*bad.yaml -> .*bad.yaml"),
+    ("extends: base.yaml\nmethod: crop-paste\n", r"bad.yaml: method is 'crop-paste', but the file it extends .* "
+                                                  r"is for 'defect-gen'"),
+    ("extends: base.yaml\nparameters:\n  method.uu: null\n", r"bad.yaml: parameter 'method.uu' is dropped \(null\) "
+                                                               r"but .*base.yaml has no such parameter"),
+    ("extends: base.yaml\nparameters:\n  method.u: null\n", r"'parameters' must be a non-empty mapping"),
+    ("extends: [base.yaml]\n", r"bad.yaml: 'extends' must name a search-space file"),
+    ("extend: base.yaml\n", r"bad.yaml: unknown top-level key\(s\) \['extend'\]"),
+])
+def test_a_bad_extends_fails_naming_the_file(tmp_path, body, message):
+    write(tmp_path, "method: defect-gen\nparameters:\n  method.u: {type: int, low: 100, high: 500}\n", "base.yaml")
+    with pytest.raises(SpaceError, match=message):
+        load_space(write(tmp_path, body, "bad.yaml"))
+
+
+def test_the_laptop_files_narrow_their_methods_general_space():
+    """The repository's laptop files extend the general ones: the same parameters in the same
+    order, only the bounds they list differ."""
+    for method, narrowed in [("defect-gen", {"method.receptive_field"}),
+                             ("anomaly-diffusion", {"method.mask_guidance", "sampling.steps"})]:
+        laptop, general = load_space(method, preset="laptop"), load_space(method, preset="paper")
+        assert list(laptop.parameters) == list(general.parameters)
+        differ = {p for p in general.parameters if laptop.parameters[p] != general.parameters[p]}
+        assert differ == narrowed, method
+
+
 def test_laptop_main_job_space_sweeps_two_receptive_fields_inside_the_trained_u_range():
     space = load_space(REPO_SPACES / "defect_gen_laptop.yaml", preset="laptop")
     d = to_optuna(space)

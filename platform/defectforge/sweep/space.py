@@ -15,6 +15,18 @@ A file looks like::
 Why a file per method and not Python: a sweep is something people edit and compare; a YAML file
 is diffable, loggable as an artifact, and reviewable without reading code.
 
+A file may narrow another (a preset's file: ``defect_gen_laptop.yaml``) with ``extends``::
+
+    extends: defect_gen.yaml        # relative to this file's folder
+    parameters:
+      method.receptive_field: {type: categorical, choices: [small, medium]}   # replaces the base's
+      method.u: null                                                           # drops it
+    points_to_evaluate: [...]       # replaces the base's list; left out, the base's is kept
+
+Why: a copy of the base file with two bounds changed drifted from it the moment the base changed
+(comments, a new parameter); with ``extends`` the narrowing file states only what differs.
+:func:`space_data` resolves the chain; everything after it sees one plain mapping.
+
 Why validate so much at load time: a sweep is expensive. A typo in a config path (``method.uu``),
 a range the config itself rejects (``method.u`` up to T), or a default point outside its range
 would otherwise surface as N errored trials minutes or hours later. Every parameter path is
@@ -58,6 +70,7 @@ _SPEC_KEYS = {
     "fixed": {"value"},
 }
 _TOP_KEYS = {"method", "parameters", "points_to_evaluate", "objective"}
+_FILE_KEYS = _TOP_KEYS | {"extends"}  # ``extends`` is resolved by space_data before parse_space
 _MISSING = object()
 
 # platform/defectforge/sweep/space.py -> the repository root holds search_spaces/ (editable install,
@@ -271,14 +284,61 @@ def load_space(path_or_method: str | os.PathLike[str], preset: str = "tiny") -> 
         or Path(text).is_file()
     # Absolute: the trials load the same file again from Tune's per-trial working folders.
     path = Path(text).expanduser().absolute() if is_path else find_space_file(text, preset)
-    try:
-        data = load_yaml(path)
-    except ConfigError as exc:
-        raise SpaceError(f"search space: {exc}") from None
-    space = parse_space(data, source=path, preset=preset)
+    space = parse_space(space_data(path), source=path, preset=preset)
     if not is_path and space.method != text:
         raise SpaceError(f"{path}: method is {space.method!r}, but it was loaded for method {text!r}")
     return space
+
+
+def space_data(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of the space file at ``path`` with its ``extends`` chain resolved (module doc).
+
+    The base is the file named by ``extends``, relative to this file's folder. Merged: the base's
+    ``parameters`` with this file's entries replacing whole specs of the same path (``null``
+    removes one), this file's ``points_to_evaluate`` and ``objective`` when given, else the base's.
+    ``method`` may be left out (the base's) or must equal it. This is what a sweep's resume check
+    compares, so editing a base file is a changed space for every file that extends it."""
+    path = Path(path).expanduser().absolute()
+    if path in _chain:
+        raise SpaceError(f"{_chain[0]}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*_chain, path))}")
+    try:
+        data = load_yaml(path)
+    except ConfigError as exc:
+        where = f" (extended by {_chain[-1]})" if _chain else ""
+        raise SpaceError(f"search space{where}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpaceError(f"{path}: a search space must be a mapping (method, parameters, ...)")
+    unknown = set(data) - _FILE_KEYS
+    if unknown:
+        raise SpaceError(f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(_FILE_KEYS)}")
+    if "extends" not in data:
+        return data
+    ref = data["extends"]
+    if not isinstance(ref, str) or not ref:
+        raise SpaceError(f"{path}: 'extends' must name a search-space file (e.g. extends: defect_gen.yaml)")
+    base_path = (path.parent / Path(ref).expanduser()).absolute()
+    if not base_path.is_file():
+        raise SpaceError(f"{path}: extends {ref!r}, but {base_path} is not a file")
+    base = space_data(base_path, (*_chain, path))
+    if "method" in data and data["method"] != base.get("method"):
+        raise SpaceError(f"{path}: method is {data['method']!r}, but the file it extends ({base_path}) is for "
+                         f"{base.get('method')!r}")
+    own = data.get("parameters") or {}
+    if not isinstance(own, dict):
+        raise SpaceError(f"{path}: 'parameters' must be a mapping of dotted config path -> spec (or null to drop)")
+    parameters = dict(base.get("parameters") or {})
+    for key, spec in own.items():
+        if spec is None:
+            if key not in parameters:
+                raise SpaceError(f"{path}: parameter {key!r} is dropped (null) but {base_path} has no such "
+                                 "parameter")
+            del parameters[key]
+        else:
+            parameters[key] = spec
+    merged = {k: v for k, v in base.items() if k != "parameters"}
+    merged.update({k: v for k, v in data.items() if k not in ("extends", "parameters")})
+    merged["parameters"] = parameters
+    return merged
 
 
 def parse_space(data: dict[str, Any], source: Path | None = None, preset: str = "tiny") -> SearchSpace:
