@@ -33,14 +33,36 @@ def test_ddp_two_workers_trains_and_checkpoints(ray_session, synth_root, tmp_pat
     from defectforge.train.runner import train
 
     cfg = _cfg(synth_root, tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.scaling.num_workers=2")
+    before = signal.getsignal(signal.SIGINT)
     [out] = train(cfg, tmp_path / "out", name="ddp", log_to_mlflow=False)
     assert out.ok, out.error
+    # The run's Ctrl-C handler (Ray Train's, a closure over its controller) is gone with the run,
+    # and so is the controller actor it kept alive (train.runner._sigint_handler_restored).
+    assert signal.getsignal(signal.SIGINT) is before
+    assert _alive_controllers() == [], "a finished run's TrainController actor is still alive"
     assert out.metrics["global_step"] == 4
     ckpts = sorted((tmp_path / "out" / "ray" / "ddp").glob("checkpoint_0*"))
     assert [c.name for c in ckpts] == ["checkpoint_00000002", "checkpoint_00000004"]
     gen = load_generator(out.checkpoint)
     batch = gen.sample(2, Conditions(["fabric"] * 2, ["hole", "stain"]), seed=0, options=SamplingOptions(steps=3))
     assert batch.masks.max() <= len(gen.context.classes["fabric"])
+
+
+def _alive_controllers(wait_s: float = 30.0) -> list:
+    """This driver's TrainController actors still ALIVE after up to ``wait_s`` (an actor whose last
+    handle went is killed asynchronously)."""
+    import ray
+    from ray.util.state import list_actors
+
+    job = ray.get_runtime_context().get_job_id()
+    deadline = time.time() + wait_s
+    while True:
+        alive = [a.actor_id for a in list_actors(filters=[("class_name", "=", "TrainController"),
+                                                          ("state", "=", "ALIVE")], raise_on_missing_output=False)
+                 if a.job_id == job]
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.5)
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -13,9 +13,13 @@ from its storage folder by name). The final inference checkpoint is copied to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,11 +93,32 @@ def fit_generator(cfg_dict: dict[str, Any], context_json: dict[str, Any], rows: 
         ),
     )
     try:
-        result = trainer.fit()
+        with _sigint_handler_restored():
+            result = trainer.fit()
     except Exception as exc:  # TrainingFailedError wraps the worker's exception
         return {"error": _root_cause(exc), "checkpoint": None, "metrics": {}}
     ckpt = result.checkpoint
     return {"error": None, "checkpoint": ckpt.path if ckpt else None, "metrics": dict(result.metrics or {})}
+
+
+@contextlib.contextmanager
+def _sigint_handler_restored() -> Iterator[None]:
+    """Put back the SIGINT handler that ``fit`` replaces.
+
+    Ray Train V2's ``fit`` (in a process's main thread: the CLI's single run, a per-product Ray
+    task) installs a Ctrl-C handler that aborts its run, a closure over the run's controller
+    actor handle, and never removes it. The handle kept the finished controller actor alive for
+    as long as the handler stayed, about 700 MB in each long-lived process (a reused Ray worker, a
+    notebook), and a later Ctrl-C tried to abort a run long over. During ``fit`` the handler is
+    Ray's; after it, the process's own again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Train registers no handler off the main thread (Tune trials)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _root_cause(exc: BaseException) -> str:
