@@ -71,6 +71,41 @@ def test_streaming_stats_match_in_memory_computation():
     assert GaussianStats().merge(merged).count == 300  # an empty partial aggregate is neutral
 
 
+@pytest.mark.parametrize(("n", "dim"), [(40, 16), (12, 32)])
+def test_rank_deficient_fid_is_clean_fids_value_without_the_singular_matrix_warning(n, dim):
+    """A constant feature (the stand-in's never-active units), with more rows than dimensions or
+    fewer: clean-fid alone warns "Matrix is singular"; ours gives its value without the warning,
+    and the filter does not outlive the call."""
+    import warnings
+
+    from scipy.linalg import LinAlgWarning
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(n, dim)), rng.normal(size=(n - 2, dim)) + 0.5
+    x[:, :2], y[:, :2] = 0.0, 1.0
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        expected = frechet_distance(np.mean(x, 0), np.cov(x, rowvar=False), np.mean(y, 0), np.cov(y, rowvar=False))
+    assert any(issubclass(w.category, LinAlgWarning) for w in raw)  # what clean-fid alone does here
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        got = fid_from_features(x, y)
+        warnings.warn("still on", LinAlgWarning, stacklevel=1)
+    assert got == pytest.approx(expected, rel=1e-6)  # our covariance is formed from sums (module doc)
+    assert [str(w.message) for w in ours if issubclass(w.category, LinAlgWarning)] == ["still on"]
+
+
+def test_rank_deficiency_is_told_from_a_full_rank_set():
+    from defectforge.evaluate.metrics.fid import _rank_deficient
+
+    rng = np.random.default_rng(4)
+    full = rng.normal(size=(40, 16))
+    assert not _rank_deficient(GaussianStats.of(full))
+    assert _rank_deficient(GaussianStats.of(full[:16]))  # rows <= dimensions
+    full[:, 5] = 7.0
+    assert _rank_deficient(GaussianStats.of(full))  # a constant feature
+
+
 def test_gaussian_stats_rejects_bad_input():
     stats = GaussianStats().update(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="dimension 5"):

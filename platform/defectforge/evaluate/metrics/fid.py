@@ -15,6 +15,7 @@ rows were split across actors.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -122,15 +123,39 @@ class GaussianStats:
 
 
 def fid_from_stats(a: GaussianStats, b: GaussianStats) -> float:
-    """Fréchet distance between the Gaussians of two accumulators (clean-fid's formula)."""
+    """Fréchet distance between the Gaussians of two accumulators (clean-fid's formula).
+
+    A rank-deficient covariance makes the product whose square root FID takes singular, and
+    SciPy's ``sqrtm`` then warns "Matrix is singular. The result might be inaccurate" (clean-fid
+    passes the warning on). In a defectforge evaluation that is the normal case, not a numerical
+    accident: every per-defect level has a few dozen rows against 256 (stand-in) or 2048
+    (Inception) dimensions, and the stand-in extractor has features that are constant over a set
+    (units a whole set never activates); the warning fired for most levels of every evaluation. The
+    square root of a singular PSD product is still well defined and the value is clean-fid's; so
+    the warning is silenced exactly when a set has no more rows than dimensions or a constant
+    feature (``_rank_deficient``), and still shown for a full-rank pair. (A few-row FID is a coarse
+    figure all the same: the README's evaluation section says to compare KID at that level.)"""
     if a.dim != b.dim:
         raise ValueError(f"FID: feature dimensions differ ({a.dim} vs {b.dim})")
     for name, s in (("first", a), ("second", b)):
         if s.count < 2:
             raise ValueError(f"FID: the {name} set has {s.count} feature rows; at least 2 are needed")
     from cleanfid.fid import frechet_distance  # lazily: it imports torchvision (see the package doc)
+    from scipy.linalg import LinAlgWarning
 
-    return float(frechet_distance(a.mean, a.cov, b.mean, b.cov))
+    with warnings.catch_warnings():
+        if _rank_deficient(a) or _rank_deficient(b):
+            warnings.simplefilter("ignore", LinAlgWarning)
+        return float(frechet_distance(a.mean, a.cov, b.mean, b.cov))
+
+
+def _rank_deficient(s: GaussianStats) -> bool:
+    """Whether ``s``'s covariance is singular by construction: no more rows than dimensions, or a
+    feature with (numerically) zero variance. Cheap: no decomposition of a 2048-square matrix."""
+    if s.count <= s.dim:
+        return True
+    var = np.diag(s.cov)
+    return bool(np.any(var <= 1e-12 * max(float(var.max()), 1e-300)))
 
 
 def fid_from_features(feats_a: Any, feats_b: Any) -> float:
