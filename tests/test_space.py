@@ -267,12 +267,24 @@ def test_extends_replaces_and_drops_parameters_and_keeps_or_replaces_the_points(
                                                                r"but .*base.yaml has no such parameter"),
     ("extends: base.yaml\nparameters:\n  method.u: null\n", r"'parameters' must be a non-empty mapping"),
     ("extends: [base.yaml]\n", r"bad.yaml: 'extends' must name a search-space file"),
+    ("extends: base.yaml\nparameters: null\n", r"bad.yaml: 'parameters' must be a mapping .* leave the key out"),
+    ("extends: ../" + "{dir}/bad.yaml\n", r"'extends' forms a cycle"),  # the same file by another path
     ("extend: base.yaml\n", r"bad.yaml: unknown top-level key\(s\) \['extend'\]"),
 ])
 def test_a_bad_extends_fails_naming_the_file(tmp_path, body, message):
     write(tmp_path, "method: defect-gen\nparameters:\n  method.u: {type: int, low: 100, high: 500}\n", "base.yaml")
     with pytest.raises(SpaceError, match=message):
-        load_space(write(tmp_path, body, "bad.yaml"))
+        load_space(write(tmp_path, body.replace("{dir}", tmp_path.name), "bad.yaml"))
+
+
+def test_an_error_in_a_base_file_names_the_chain(tmp_path):
+    """The entry at fault may be in the base: the message names every file of the space."""
+    write(tmp_path, "method: defect-gen\nparameters:\n  method.uu: {type: int, low: 100, high: 500}\n", "base.yaml")
+    narrow = write(tmp_path, "extends: base.yaml\nparameters:\n  sampling.steps: {type: int, low: 10, high: 25}\n",
+                   "narrow.yaml")
+    with pytest.raises(SpaceError, match=r"unknown config path 'method.uu'.*the space of narrow.yaml is "
+                                         r".*base.yaml \+ .*narrow.yaml"):
+        load_space(narrow)
 
 
 def test_the_laptop_files_narrow_their_methods_general_space():

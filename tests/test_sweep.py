@@ -376,7 +376,8 @@ def test_per_product_sweep_killed_three_times_runs_every_trial_once_on_its_own_p
     # Each training-progress line reaches the console once (Ray Train's print patch doubled them
     # in sweep trials: train.runner.fit_generator turns it off). Metal's second trial at least
     # trains in this last run: the third kill fell in metal's first training.
-    progress = re.findall(r"\[(kt-\w+-gen-\w+)\] stage (\w+) step (\d+)/(\d+)", again.stdout)
+    # Keyed by worker pid too: a Train retry in new workers may print a step again, legitimately.
+    progress = re.findall(r"pid=(\d+)\).*?\[(kt-\w+-gen-\w+)\] stage (\w+) step (\d+)/(\d+)", again.stdout)
     assert progress and len(progress) == len(set(progress)), f"{progress}\n{detail}"
     summary = json.loads((tmp_path / "kt.json").read_text())
     assert all(len(s["trials"]) == 2 for s in summary["studies"]), detail
@@ -422,6 +423,11 @@ def test_child_runs_are_closed_as_tune_ended_their_trials(tmp_path):
     assert got["stopped"].data.tags["defectforge.end_reason"] == "stopped by ASHA"
     assert got["errored"].data.tags["defectforge.error"] == "trial errored: boom"
     assert "interrupted" in got["lost"].data.tags["defectforge.end_reason"]
+    assert mlflow_runs.lost_trials(uri, exp, "cl-fabric") == ["lost"]
+    # A later restore's pass changes nothing, and the study still names its lost trial (its
+    # ResultGrid never had it; the run says so).
+    assert mlflow_runs.close_study_runs(uri, exp, "cl-fabric", {"done": ("FINISHED", "finished")}) == {}
+    assert mlflow_runs.lost_trials(uri, exp, "cl-fabric") == ["lost"]
     assert "defectforge.end_reason" not in got["done"].data.tags
     # A restarted trial reopens its run: the old end reason goes.
     again = mlflow_runs.child_run(uri, exp, "cl-fabric", parent, "stopped", {"products": "fabric"})

@@ -24,6 +24,7 @@ SWEEP_TAG = "defectforge.sweep"
 TRIAL_TAG = "defectforge.trial_id"
 RESULT_TAG = "defectforge.trial_result"
 END_REASON_TAG = "defectforge.end_reason"
+LOST_REASON = "its Tune trial was lost when the sweep driver was interrupted"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -130,12 +131,25 @@ def close_study_runs(uri: str, experiment: str, sweep_name: str,
     for run in runs:
         trial_id = run.data.tags.get(TRIAL_TAG)
         if trial_id not in outcomes:
-            reason = ("its Tune trial was lost when the sweep driver was interrupted "
-                      "(not in the restored sweep's state)")
+            reason = f"{LOST_REASON} (not in the restored sweep's state)"
             client.set_tag(run.info.run_id, END_REASON_TAG, reason)
             client.set_terminated(run.info.run_id, "KILLED")
             changed[trial_id] = "KILLED"
     return changed
+
+
+def lost_trials(uri: str, experiment: str, sweep_name: str) -> list[str]:
+    """Trial ids of study ``sweep_name`` whose child run ``close_study_runs`` closed as lost, in
+    this driver or an earlier one: read from the runs' end reason, so a study restored after the
+    driver that closed them still names them (its ResultGrid never had them)."""
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}' and "
+                                                   "tags.`defectforge.kind` = 'trial'")
+    return sorted(r.data.tags[TRIAL_TAG] for r in runs
+                  if r.data.tags.get(END_REASON_TAG, "").startswith(LOST_REASON) and TRIAL_TAG in r.data.tags)
 
 
 def stop_reason(stopped_by: str, last: dict[str, Any]) -> str:

@@ -89,7 +89,7 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     from defectforge.cluster import ensure_ray
     from defectforge.evaluate.run import settle_extractors
     from defectforge.sweep import mlflow_runs
-    from defectforge.sweep.space import load_space
+    from defectforge.sweep.space import load_space, space_data
     from defectforge.train.data import load_training_data
 
     t0 = time.perf_counter()
@@ -150,7 +150,8 @@ def sweep(cfg: ConfigBase, summary_json: str | Path | None = None) -> dict[str, 
     # take them seconds after this driver starts; a restored sweep on the same cluster would wait
     # for them for ever. So: at the start, every 15 s while the studies run, and at the end.
     with removing_leaked_placement_groups(lambda msg: print(msg, flush=True)):
-        space_meta = {"source": str(space.source), "parameters": sorted(space.parameters),
+        space_meta = {"source": str(space.source), "resolved": space_data(space.source),
+                      "parameters": sorted(space.parameters),
                       "points_to_evaluate": space.points_to_evaluate,
                       "objectives": [o.__dict__ for o in objectives]}
         parent_id = mlflow_runs.parent_run(uri, experiment, name, cfg.to_dict(), space_meta)

@@ -402,11 +402,12 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
         else:  # the reason is worded from the trial's last metrics only for a stopped trial
             outcomes[row["trial_id"]] = ("KILLED", mlflow_runs.stop_reason(stopped_by, metrics))
     changed = mlflow_runs.close_study_runs(spec.uri, spec.experiment, spec.name, outcomes)
-    lost = sorted(t for t in changed if t not in outcomes)
-    for t in lost:
+    for t in sorted(t for t in changed if t not in outcomes):
         print(f"[sweep] {spec.name}: trial {t} was lost with the interrupted sweep driver (Tune had not saved "
               "it yet); its MLflow run is now KILLED and another trial ran in its place", flush=True)
-    return {"trials": rows, "lost": lost}
+    # From the runs, not from what this driver closed: a study restored after the driver that
+    # closed them (a later kill) still names its lost trials.
+    return {"trials": rows, "lost": mlflow_runs.lost_trials(spec.uri, spec.experiment, spec.name)}
 
 
 def study_trainable(spec: StudySpec) -> Any:

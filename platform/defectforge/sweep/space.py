@@ -284,7 +284,16 @@ def load_space(path_or_method: str | os.PathLike[str], preset: str = "tiny") -> 
         or Path(text).is_file()
     # Absolute: the trials load the same file again from Tune's per-trial working folders.
     path = Path(text).expanduser().absolute() if is_path else find_space_file(text, preset)
-    space = parse_space(space_data(path), source=path, preset=preset)
+    data = space_data(path)
+    try:
+        space = parse_space(data, source=path, preset=preset)
+    except SpaceError as exc:
+        chain = extends_chain(path)
+        if len(chain) == 1:
+            raise
+        # The entry at fault may be in any file of the chain: say which files make the space.
+        raise SpaceError(f"{exc} [the space of {path.name} is {' + '.join(str(p) for p in reversed(chain))}, "
+                         "later files replacing earlier entries]") from None
     if not is_path and space.method != text:
         raise SpaceError(f"{path}: method is {space.method!r}, but it was loaded for method {text!r}")
     return space
@@ -296,10 +305,12 @@ def space_data(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> d
     The base is the file named by ``extends``, relative to this file's folder. Merged: the base's
     ``parameters`` with this file's entries replacing whole specs of the same path (``null``
     removes one), this file's ``points_to_evaluate`` and ``objective`` when given, else the base's.
-    ``method`` may be left out (the base's) or must equal it. This is what a sweep's resume check
-    compares, so editing a base file is a changed space for every file that extends it."""
+    ``method`` may be left out (the base's) or must equal it; ``points_to_evaluate: null`` or
+    ``objective: null`` drops the base's. This is what a sweep's resume check compares (and
+    what the parent run logs), so editing a base file is a changed space for every file that
+    extends it."""
     path = Path(path).expanduser().absolute()
-    if path in _chain:
+    if path.resolve() in {p.resolve() for p in _chain}:  # resolved: "../d/a.yaml" or a link is a.yaml
         raise SpaceError(f"{_chain[0]}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*_chain, path))}")
     try:
         data = load_yaml(path)
@@ -323,9 +334,10 @@ def space_data(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> d
     if "method" in data and data["method"] != base.get("method"):
         raise SpaceError(f"{path}: method is {data['method']!r}, but the file it extends ({base_path}) is for "
                          f"{base.get('method')!r}")
-    own = data.get("parameters") or {}
+    own = data.get("parameters", {})
     if not isinstance(own, dict):
-        raise SpaceError(f"{path}: 'parameters' must be a mapping of dotted config path -> spec (or null to drop)")
+        raise SpaceError(f"{path}: 'parameters' must be a mapping of dotted config path -> spec (a spec of null "
+                         f"drops that parameter of {base_path.name}); leave the key out to change none")
     parameters = dict(base.get("parameters") or {})
     for key, spec in own.items():
         if spec is None:
@@ -339,6 +351,16 @@ def space_data(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> d
     merged.update({k: v for k, v in data.items() if k not in ("extends", "parameters")})
     merged["parameters"] = parameters
     return merged
+
+
+def extends_chain(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` and the files it extends, nearest first (``space_data`` has checked them)."""
+    chain = [Path(path).expanduser().absolute()]
+    while True:
+        ref = load_yaml(chain[-1]).get("extends")
+        if not isinstance(ref, str) or len(chain) > 32:
+            return chain
+        chain.append((chain[-1].parent / Path(ref).expanduser()).absolute())
 
 
 def parse_space(data: dict[str, Any], source: Path | None = None, preset: str = "tiny") -> SearchSpace:

@@ -69,14 +69,6 @@ def fit_generator(cfg_dict: dict[str, Any], context_json: dict[str, Any], rows: 
     from defectforge.config import config_from_dict
 
     cfg = config_from_dict(cfg_dict)
-    # Ray Train V2 replaces ``print`` in its controller and workers by a root-logger call that also
-    # prints when stdout is wrapped, as it is in a Tune trial's processes: every line the training
-    # loop printed reached a sweep's console twice (measured: a 1-trial tiny sweep printed its
-    # step-20 line twice, once with this off). Train reads the setting here, from the process that
-    # calls ``fit`` (a sweep trial, a per-product task, the CLI), and passes it to the controller
-    # and the workers, so this covers a local cluster and a remote one alike. A user's own
-    # setting wins.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg_dict, "context": context_json, "rows": rows,
@@ -93,12 +85,36 @@ def fit_generator(cfg_dict: dict[str, Any], context_json: dict[str, Any], rows: 
         ),
     )
     try:
-        with _sigint_handler_restored():
+        with _print_patch_off(), _sigint_handler_restored():
             result = trainer.fit()
     except Exception as exc:  # TrainingFailedError wraps the worker's exception
         return {"error": _root_cause(exc), "checkpoint": None, "metrics": {}}
     ckpt = result.checkpoint
     return {"error": None, "checkpoint": ckpt.path if ckpt else None, "metrics": dict(result.metrics or {})}
+
+
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+
+@contextlib.contextmanager
+def _print_patch_off() -> Iterator[None]:
+    """Ray Train's print patch off for one ``fit``, unless the user set it.
+
+    Ray Train V2 replaces ``print`` in its controller and workers by a root-logger call that also
+    prints when stdout is wrapped, as it is in a Tune trial's processes: every line the training
+    loop printed reached a sweep's console twice (measured: a 1-trial tiny sweep printed its
+    step-20 line twice, once with this off). Train reads the setting from the environment of the
+    process that calls ``fit`` (a sweep trial, a per-product task, the CLI) when it creates the
+    controller, and passes it on to the workers, so this covers a local cluster and a remote one
+    alike; the process's environment is as it was after ``fit`` (a notebook's own later runs)."""
+    if PRINT_PATCH_ENV in os.environ:
+        yield
+        return
+    os.environ[PRINT_PATCH_ENV] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(PRINT_PATCH_ENV, None)
 
 
 @contextlib.contextmanager
