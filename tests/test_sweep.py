@@ -8,6 +8,8 @@ are meaningless, the wiring is what is tested.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -397,6 +399,10 @@ def test_results_table_lists_a_lost_trial_beside_the_trials_tune_knows():
     assert lines[0] == ["study", "trial", "status", "lr", "seg_gain", "loss"]
     assert lines[1] == ["kt-fabric", "807d1609", "done", "0.002", "0.25", "0.5"]
     assert lines[2] == ["kt-fabric", "d4f38249", "lost", "-", "-", "-"]
+    from defectforge.sweep.run import _csv  # the parent run's results/trials.csv lists it too
+
+    csv_rows = list(csv.DictReader(io.StringIO(_csv(summary))))
+    assert [(r["trial_id"], r["status"]) for r in csv_rows] == [("807d1609", "done"), ("d4f38249", "lost")]
 
 
 def test_child_runs_are_closed_as_tune_ended_their_trials(tmp_path):

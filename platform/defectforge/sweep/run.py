@@ -242,7 +242,7 @@ def results_table(summary: dict[str, Any]) -> str:
     """A plain-text table of every trial: study, status, parameters, objectives; a trial lost with an
     interrupted driver (``run_study``) is listed with status ``lost``, as its KILLED MLflow run is."""
     objectives = [o["metric"] for o in summary["objectives"]]
-    rows = [r for s in summary["studies"] for r in s["trials"]]
+    rows = listed_rows(summary)
     params = sorted({k for r in rows for k in r.get("params", {})})
     head = ["study", "trial", "status", *[p.split(".")[-1] for p in params], *objectives, "loss"]
     lines = [head]
@@ -250,8 +250,6 @@ def results_table(summary: dict[str, Any]) -> str:
         lines.append([r["study"], str(r.get("trial_id") or "?"), r["status"],
                       *[_fmt(r.get("params", {}).get(p)) for p in params],
                       *[_fmt(r.get(o)) for o in objectives], _fmt(r.get("loss"))])
-    for s in summary["studies"]:
-        lines += [[s["name"], t, "lost", *["-"] * (len(head) - 3)] for t in s.get("lost", [])]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
 
@@ -262,8 +260,16 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def _csv(summary: dict[str, Any]) -> str:
+def listed_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows the table and the CSV list: every study's trials, then each study's lost trials
+    (``run_study``) as rows of status ``lost``, so every child run in MLflow has a row."""
     rows = [r for s in summary["studies"] for r in s["trials"]]
+    return rows + [{"study": s["name"], "trial_id": t, "status": "lost", "params": {}}
+                   for s in summary["studies"] for t in s.get("lost", [])]
+
+
+def _csv(summary: dict[str, Any]) -> str:
+    rows = listed_rows(summary)
     keys = sorted({k for r in rows for k in r if k != "params"})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
