@@ -284,11 +284,10 @@ def load_space(path_or_method: str | os.PathLike[str], preset: str = "tiny") -> 
         or Path(text).is_file()
     # Absolute: the trials load the same file again from Tune's per-trial working folders.
     path = Path(text).expanduser().absolute() if is_path else find_space_file(text, preset)
-    data = space_data(path)
+    data, chain = _resolve(path)
     try:
         space = parse_space(data, source=path, preset=preset)
     except SpaceError as exc:
-        chain = extends_chain(path)
         if len(chain) == 1:
             raise
         # The entry at fault may be in any file of the chain: say which files make the space.
@@ -299,7 +298,7 @@ def load_space(path_or_method: str | os.PathLike[str], preset: str = "tiny") -> 
     return space
 
 
-def space_data(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def space_data(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The mapping of the space file at ``path`` with its ``extends`` chain resolved (module doc).
 
     The base is the file named by ``extends``, relative to this file's folder. Merged: the base's
@@ -309,6 +308,11 @@ def space_data(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> d
     ``objective: null`` drops the base's. This is what a sweep's resume check compares (and
     what the parent run logs), so editing a base file is a changed space for every file that
     extends it."""
+    return _resolve(path)[0]
+
+
+def _resolve(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """``space_data`` and the files that made it, ``path`` first, then the file it extends, ..."""
     path = Path(path).expanduser().absolute()
     if path.resolve() in {p.resolve() for p in _chain}:  # resolved: "../d/a.yaml" or a link is a.yaml
         raise SpaceError(f"{_chain[0]}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*_chain, path))}")
@@ -323,14 +327,14 @@ def space_data(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> d
     if unknown:
         raise SpaceError(f"{path}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(_FILE_KEYS)}")
     if "extends" not in data:
-        return data
+        return data, [path]
     ref = data["extends"]
     if not isinstance(ref, str) or not ref:
         raise SpaceError(f"{path}: 'extends' must name a search-space file (e.g. extends: defect_gen.yaml)")
     base_path = (path.parent / Path(ref).expanduser()).absolute()
     if not base_path.is_file():
         raise SpaceError(f"{path}: extends {ref!r}, but {base_path} is not a file")
-    base = space_data(base_path, (*_chain, path))
+    base, files = _resolve(base_path, (*_chain, path))
     if "method" in data and data["method"] != base.get("method"):
         raise SpaceError(f"{path}: method is {data['method']!r}, but the file it extends ({base_path}) is for "
                          f"{base.get('method')!r}")
@@ -350,17 +354,7 @@ def space_data(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> d
     merged = {k: v for k, v in base.items() if k != "parameters"}
     merged.update({k: v for k, v in data.items() if k not in ("extends", "parameters")})
     merged["parameters"] = parameters
-    return merged
-
-
-def extends_chain(path: str | os.PathLike[str]) -> list[Path]:
-    """``path`` and the files it extends, nearest first (``space_data`` has checked them)."""
-    chain = [Path(path).expanduser().absolute()]
-    while True:
-        ref = load_yaml(chain[-1]).get("extends")
-        if not isinstance(ref, str) or len(chain) > 32:
-            return chain
-        chain.append((chain[-1].parent / Path(ref).expanduser()).absolute())
+    return merged, [path, *files]
 
 
 def parse_space(data: dict[str, Any], source: Path | None = None, preset: str = "tiny") -> SearchSpace:
