@@ -430,6 +430,12 @@ def test_child_runs_are_closed_as_tune_ended_their_trials(tmp_path):
     assert got["errored"].data.tags["defectforge.error"] == "trial errored: boom"
     assert "interrupted" in got["lost"].data.tags["defectforge.end_reason"]
     assert mlflow_runs.lost_trials(uri, exp, "cl-fabric") == ["lost"]
+    # A stopped trial's thread reaching its error path after the callback closed its run: the run
+    # keeps KILLED and its reason (if_running), as a run still RUNNING would not.
+    mlflow_runs.finish(uri, runs["stopped"], error="RayTaskError: stopped", if_running=True)
+    after = client.get_run(runs["stopped"])
+    assert after.info.status == "KILLED" and "defectforge.error" not in after.data.tags
+    assert after.data.tags["defectforge.end_reason"] == "stopped by ASHA"
     # A later restore's pass changes nothing, and the study still names its lost trial (its
     # ResultGrid never had it; the run says so).
     assert mlflow_runs.close_study_runs(uri, exp, "cl-fabric", {"done": ("FINISHED", "finished")}) == {}

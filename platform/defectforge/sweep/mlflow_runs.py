@@ -65,11 +65,20 @@ def pretraining_run(uri: str, experiment: str, sweep_name: str, parent_id: str, 
     return run_id
 
 
-def finish(uri: str, run_id: str, error: str | None = None, trial_result: dict[str, Any] | None = None) -> None:
+def finish(uri: str, run_id: str, error: str | None = None, trial_result: dict[str, Any] | None = None,
+           if_running: bool = False) -> None:
     """End a run FINISHED (or FAILED with ``error`` as a tag). ``trial_result`` (what a trial
     reports to Tune besides the objectives) is kept as a tag so that ``finished_trial`` can
-    report it again without re-running the trial."""
+    report it again without re-running the trial.
+
+    ``if_running``: leave a run that is no longer RUNNING as it is. A trial's error path uses it:
+    when ASHA stops a trial, its thread dies inside training and reaches that path while
+    ``CloseTrialRuns`` closes its run KILLED with the reason; the trial's FAILED came last, even
+    after the sweep-end pass that mends it, and the stopped trial's run stayed FAILED (seen in CI
+    on 2026-12-07, test_asha_stopped_trial_is_killed_with_its_reason)."""
     client = mlflow.MlflowClient(uri)
+    if if_running and client.get_run(run_id).info.status != "RUNNING":
+        return
     if error:
         client.set_tag(run_id, "defectforge.error", error[:4000])
     if trial_result is not None:

@@ -307,7 +307,9 @@ def _trial(config: dict[str, Any], spec: StudySpec) -> None:
                 mlflow.MlflowClient(spec.uri).log_metric(run_id, key, value)
         except Exception:  # noqa: BLE001 (the trial's own error is what matters here)
             pass
-        mlflow_runs.finish(spec.uri, run_id, error=f"{type(exc).__name__}: {exc}")
+        # if_running: a run Tune's callback already closed (ASHA stopped this trial, which is why
+        # it is failing now) keeps its KILLED and reason.
+        mlflow_runs.finish(spec.uri, run_id, error=f"{type(exc).__name__}: {exc}", if_running=True)
         raise
     tune.report({**objectives, **recorded})
 
