@@ -107,6 +107,46 @@ def test_min_snr_weights_by_hand():
     torch.testing.assert_close(weighted.pretraining_loss(_batch())["loss"], 2 * a["backbone_mse"])
 
 
+def test_mask_weight_weights_the_defect_pixels_of_mask_rows_only():
+    """``mask_weight`` k: the squared error of a row drawn as its mask counts k times on the defect
+    pixels (+1 in the exact unshuffle latent), once elsewhere; photo rows and the plain
+    ``backbone_mse`` are unchanged. Checked against the loss recomputed by hand."""
+    b = _tiny(mask_fraction=1.0, cond_dropout=0.0, mask_weight=4.0)
+    batch = _batch(8)
+    as_mask = batch["defect"] > 0  # mask_fraction 1: every defective row is drawn as its mask
+    mask_images = (batch["mask"] > 0).float().unsqueeze(1).expand(-1, 3, -1, -1) * 2 - 1
+    w = b.mask_pixel_weights(b.encode(torch.where(as_mask.view(-1, 1, 1, 1), mask_images, batch["image"])), as_mask)
+    assert torch.equal(w[~as_mask], torch.ones_like(w[~as_mask]))  # photo rows: plain
+    defect_share = (batch["mask"] > 0).float().mean()
+    torch.testing.assert_close(w[as_mask].eq(4.0).float().mean(), defect_share)  # 60 of 1024 pixels
+    assert set(w.unique().tolist()) == {1.0, 4.0}
+    # the loss by hand: same draws (seeded) through the plain config give the unweighted errors
+    plain = _tiny(mask_fraction=1.0, cond_dropout=0.0)
+    captured = {}
+    real_target = plain.target
+
+    def spy(z0, noise, t):
+        captured["target"] = real_target(z0, noise, t)
+        return captured["target"]
+
+    plain.target = spy
+    real_denoise = plain.caption_denoise
+
+    def spy_denoise(*args):
+        captured["pred"] = real_denoise(*args)
+        return captured["pred"]
+
+    plain.caption_denoise = spy_denoise
+    torch.manual_seed(3)
+    a = plain.pretraining_loss(batch)
+    torch.manual_seed(3)
+    weighted = b.pretraining_loss(batch)
+    err = (captured["pred"] - captured["target"]) ** 2
+    torch.testing.assert_close(weighted["backbone_mse"], a["backbone_mse"])  # same parameters and draws: same plain MSE
+    torch.testing.assert_close(weighted["loss"], (err * w).mean(), rtol=1e-5, atol=1e-7)
+    assert weighted["loss"] > a["loss"]
+
+
 def test_token_embeddings_splice_into_the_text_encoder():
     """Textual inversion's splice point: unedited rows give the plain encoding; an edited row
     changes the states from its position on (causal encoder), not before it."""

@@ -20,7 +20,8 @@ on what the backbone alone draws from pure noise:
 
 Guidance: the photos at 3 (``Backbone.generate``'s default), the masks at 1, as AnomalyDiffusion's
 laptop preset draws them (measured: guidance pushes "a defect mask" away from the unconditional
-images, towards empty black: the laptop unet's non-empty share 78 % at 1, 38 % at 3).
+images, towards empty black: the laptop unet's non-empty share 78 % at 1, 38 % at 3, measured
+before its preset's ``mask_weight`` 2).
 
 Pure torch/numpy over a ``Backbone`` and rows from ``evaluate.run.load_real``; no Ray, no MLflow.
 """
