@@ -282,9 +282,11 @@ def test_dit_backbone_draws_from_captions_with_guidance_by_hand(monkeypatch):
     call of [caption; empty caption] per step."""
     torch.manual_seed(0)
     b = Backbone(BackboneConfig(**{**BACKBONE_PRESETS["tiny"], "arch": "dit"}), PRODUCTS, 32, dit_groups=(1, 1, 1))
-    with torch.no_grad():  # the prompt projections start at zero (the caption would not matter yet)
-        for p in b.transformer.prompt_proj.parameters():
-            p.normal_(0, 0.2)
+    with torch.no_grad():  # the prompt projections start at zero (the caption would not matter yet),
+        # and adaLN-Zero's layers (the output would be zero): values as after some training
+        for layer in [*b.transformer.prompt_proj.values(), *b.transformer.adaln_zero_layers()]:
+            for p in layer.parameters():
+                p.normal_(0, 0.2)
     a1 = b.generate(["a photo of fabric"] * 2, seed=3, steps=3)
     a2 = b.generate(["a photo of fabric"] * 2, seed=3, steps=3)
     assert a1.shape == (2, 3, 32, 32) and torch.equal(a1, a2)

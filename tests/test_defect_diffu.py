@@ -44,10 +44,12 @@ def _batch() -> dict[str, torch.Tensor]:
 
 def _randomise_new_layers(gen: DefectDiffu, seed: int = 3) -> None:
     """The prompt projections and cross-attention outputs start at zero (the prompts would not
-    matter yet); give them values so that the three guidance calls differ."""
+    matter yet), and so do adaLN-Zero's modulation and final layer (the output would be zero):
+    give them values, as after some training, so that the three guidance calls differ."""
     g = torch.Generator().manual_seed(seed)
     dit = gen.backbone.transformer
     layers = [*dit.prompt_proj.values()] + [b.attn2.to_out[0] for b in dit.transformer_blocks if b.attn2 is not None]
+    layers += dit.adaln_zero_layers()
     with torch.no_grad():
         for layer in layers:
             for p in layer.parameters():

@@ -41,9 +41,35 @@ def _randomise(module: torch.nn.Module, seed: int = 7) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def _zero_initialised(model: SegmentedDiT) -> list[torch.nn.Module]:
-    """The layers built at zero: the prompt projections and the cross-attention output projections."""
+def _new_zero_layers(model: SegmentedDiT) -> list[torch.nn.Module]:
+    """The new layers built at zero: the prompt projections and the cross-attention output projections."""
     return [*model.prompt_proj.values()] + [b.attn2.to_out[0] for b in model.transformer_blocks if b.attn2 is not None]
+
+
+def _adaln_zero_layers(model: SegmentedDiT) -> list[torch.nn.Module]:
+    """DiT's adaLN-Zero (``initialise_as_dit``): every block's modulation and the final layer."""
+    layers = model.adaln_zero_layers()
+    assert layers == [b.norm1.linear for b in model.transformer_blocks] + [model.proj_out_1, model.proj_out_2]
+    return layers
+
+
+def _zero_initialised(model: SegmentedDiT) -> list[torch.nn.Module]:
+    return _new_zero_layers(model) + _adaln_zero_layers(model)
+
+
+def test_a_fresh_model_is_initialised_as_dit():
+    """adaLN-Zero: every block starts as the identity (its modulation zero, so its gates are) and
+    the output at zero; the other linear layers are xavier-uniform with zero biases."""
+    model = _model()
+    for layer in _zero_initialised(model):
+        assert not layer.weight.any() and not layer.bias.any()
+    inputs = _inputs()
+    with torch.no_grad():
+        out = model(**inputs)
+    assert not out.sample.any()
+    fc = model.transformer_blocks[0].ff.net[2]
+    bound = (6 / (fc.in_features + fc.out_features)) ** 0.5
+    assert fc.weight.abs().max() <= bound and fc.weight.abs().max() > 0.9 * bound and not fc.bias.any()
 
 
 def test_output_shapes_and_groups():
@@ -116,6 +142,8 @@ def test_attention_sums_to_one_over_unpadded_tokens_and_padding_changes_nothing(
 
 def test_a_fresh_model_ignores_prompts_and_defect_states_in_its_sample():
     model = _model()
+    for layer in _adaln_zero_layers(model):
+        _randomise(layer)  # a sample that is not zero; the new layers stay at zero
     a, b = _inputs(seed=1), _inputs(seed=2)
     b["latent"], b["timestep"] = a["latent"], a["timestep"]
     with torch.no_grad():
@@ -127,6 +155,8 @@ def test_a_fresh_model_ignores_prompts_and_defect_states_in_its_sample():
 @pytest.mark.parametrize("group", GROUPS)
 def test_a_group_prompt_reaches_its_blocks_and_not_the_blocks_before(group):
     model = _model()
+    for layer in _adaln_zero_layers(model):
+        _randomise(layer)  # trained-like modulation: a block's prompt changes its output
     outputs: list[torch.Tensor] = []
     for block in model.transformer_blocks:
         block.register_forward_hook(lambda _m, _args, output: outputs.append(output))
@@ -150,16 +180,24 @@ def test_gradients_reach_every_parameter():
     model = _model().train()
     inputs = _inputs()
 
+    target = torch.randn_like(inputs["latent"])
+
     def backward() -> dict[str, torch.Tensor | None]:
         model.zero_grad(set_to_none=True)
         out = model(**inputs)
-        (out.sample.square().mean() + out.mask_latent.square().mean()).backward()
+        ((out.sample - target).square().mean() + out.mask_latent.square().mean()).backward()
         return {name: p.grad for name, p in model.named_parameters()}
 
-    # Fresh: the zero-initialised layers themselves learn (a zero output projection blocks the
-    # gradient to the layers before it on the first step, by design, as ControlNet's zero convs).
+    # Fresh: the final layer learns first (adaLN-Zero's zero output layer blocks the gradient to the
+    # layers before it on the first step, by design, as ControlNet's zero convs do).
     grads = backward()
-    zero_params = {id(p) for layer in _zero_initialised(model) for p in layer.parameters()}
+    for name in ("proj_out_2.weight", "proj_out_2.bias"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    # Once the adaLN-Zero layers are not zero, the new zero layers themselves learn.
+    for layer in _adaln_zero_layers(model):
+        _randomise(layer)
+    grads = backward()
+    zero_params = {id(p) for layer in _new_zero_layers(model) for p in layer.parameters()}
     for name, p in model.named_parameters():
         if id(p) in zero_params:
             assert grads[name] is not None and grads[name].abs().sum() > 0, name

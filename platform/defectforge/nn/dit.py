@@ -32,8 +32,9 @@ are equal, in one trained in diffusers they need not be), and the final layer (`
 fusion group's projection (the official code's final layer also takes ``t + y_fusion``). The class
 label is dropped: each block's class-embedding table is replaced by ``nn.Identity`` and the block
 gets its group's projected prompt where diffusers passes class labels, so diffusers' own block
-forward computes ``timestep embedding + projected prompt``. A fresh model is initialised as diffusers
-initialises a DiT (PyTorch defaults), not with the DiT paper's zeroed adaLN modulation.
+forward computes ``timestep embedding + projected prompt``. A fresh model is initialised as the DiT
+paper initialises one, adaLN-Zero included (``initialise_as_dit``; diffusers' class keeps PyTorch's
+defaults).
 """
 
 from __future__ import annotations
@@ -238,6 +239,41 @@ class SegmentedDiT(nn.Module):
         self.proj_out_2 = nn.Linear(dim, config.patch_size * config.patch_size * config.in_channels)
         self.mask_head = MaskHead(config.defect_blocks * config.num_attention_heads, config.in_channels,
                                   config.patch_size, config.mask_head_channels)
+        self.initialise_as_dit()
+
+    @torch.no_grad()
+    def initialise_as_dit(self) -> None:
+        """The DiT paper's initialisation of a model trained from scratch (Peebles & Xie 2023, the
+        official ``DiT.initialize_weights``): xavier-uniform linear layers with zero biases, the patch
+        embedding as a linear layer, the timestep MLPs N(0, 0.02), and **adaLN-Zero**: every
+        block's modulation layer (``norm1.linear``) and the final layer (``proj_out_1``,
+        ``proj_out_2``) zeroed, so each block starts as the identity and the model's output at 0.
+        The paper measures adaLN-Zero training markedly faster than the alternatives (its Fig. 5);
+        diffusers' ``DiTTransformer2DModel`` keeps PyTorch's defaults, as it expects converted
+        weights (``from_diffusers`` loads over all of this). The new layers stay as documented above
+        (cross-attention output and prompt projections zero, the mask head PyTorch's)."""
+        for module in self.transformer_blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        weight = self.pos_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.pos_embed.proj.bias)
+        for block, group in zip(self.transformer_blocks, self.block_groups):
+            embedder = block.norm1.emb.timestep_embedder
+            nn.init.normal_(embedder.linear_1.weight, std=0.02)
+            nn.init.normal_(embedder.linear_2.weight, std=0.02)
+            if group == "defect":
+                nn.init.zeros_(block.attn2.to_out[0].weight)
+                nn.init.zeros_(block.attn2.to_out[0].bias)
+        for layer in self.adaln_zero_layers():
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def adaln_zero_layers(self) -> list[nn.Linear]:
+        """The layers adaLN-Zero builds at zero: each block's modulation and the final layer's two."""
+        return [block.norm1.linear for block in self.transformer_blocks] + [self.proj_out_1, self.proj_out_2]
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor | float, pooled: Mapping[str, torch.Tensor],
