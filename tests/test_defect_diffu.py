@@ -320,7 +320,7 @@ def test_sampled_mask_is_the_isodata_binarised_mean_of_the_last_window_of_defect
         return out
 
     monkeypatch.setattr(gen, "predict", record)
-    options = SamplingOptions(steps=4, method={"mask_window": 2})
+    options = SamplingOptions(steps=4, method={"mask_window": 2, "mask_floor": None})  # isodata alone
     _, masks, thresholds = gen.generate(["fabric", "tile"], ["hole", "crack"], seed=2, options=options)
     assert len(masks_seen) == 12  # 4 steps x 3 calls (unconditional, product, defect)
     defect_calls = masks_seen[2::3]
@@ -332,3 +332,49 @@ def test_sampled_mask_is_the_isodata_binarised_mean_of_the_last_window_of_defect
     assert masks.any() and not masks.all()
     other = gen.backbone.decode((defect_calls[0] + defect_calls[1]) / 2).mean(1).numpy()
     assert not np.array_equal(masks, np.stack([g > isodata(g) for g in other]).astype(np.uint8))
+
+    # mask_floor: the threshold is max(isodata, floor); a floor above the map's maximum empties it
+    for floor in (float(grey.mean()), float(grey.max()) + 0.1):
+        masks_seen.clear()
+        floored = SamplingOptions(steps=4, method={"mask_window": 2, "mask_floor": floor})
+        _, got, got_t = gen.generate(["fabric", "tile"], ["hole", "crack"], seed=2, options=floored)
+        want = [max(t, floor) for t in expected]
+        assert got_t == pytest.approx(want)
+        np.testing.assert_array_equal(got, np.stack([g > t for g, t in zip(grey, want)]).astype(np.uint8))
+    assert not got.any()
+
+
+def test_the_default_mask_floor_empties_a_map_without_a_white_side(monkeypatch):
+    """A mask head that has not learned to draw a defect leaves every decoded value near the
+    target's black; isodata alone splits that noise floor into a mask over much of the image, the
+    default floor (mid-grey 0) gives an empty mask instead (measured on a 300-step laptop model,
+    2026-12-07: the map's maximum -0.65, isodata's masks 55-78 % of the image)."""
+    import dataclasses
+
+    gen = _gen()
+    assert gen.config.mask_floor == 0.0
+    predict = gen.predict
+    noise = -0.97 + 0.05 * torch.randn(1, gen.backbone.latent_channels, gen.backbone.latent_size,
+                                       gen.backbone.latent_size, generator=torch.Generator().manual_seed(0))
+    # the mask head draws the noise floor (the pixel-unshuffle latent decodes to the same values)
+    monkeypatch.setattr(gen, "predict", lambda z, t, c: dataclasses.replace(predict(z, t, c), mask_latent=noise))
+    grey = gen.backbone.decode(noise).mean(1).numpy()[0]
+    assert grey.max() < 0
+    official = SamplingOptions(steps=2, method={"mask_floor": None})
+    _, masks, thresholds = gen.generate(["fabric"], ["hole"], seed=0, options=official)
+    assert thresholds == pytest.approx([isodata(grey)]) and masks.mean() > 0.3  # half the noise
+    _, masks, thresholds = gen.generate(["fabric"], ["hole"], seed=0, options=SamplingOptions(steps=2))
+    assert thresholds == [0.0] and not masks.any()
+
+
+def test_diffu_trains_on_defect_free_rows_also_on_a_loaded_backbone(synth_root, tmp_path):
+    """Stage diffu's balanced rows need the defect-free training images also when the backbone
+    comes from ``backbone.path`` (no backbone stage then asks for them); without them training
+    stopped with 'no defect-free image'."""
+    from defectforge.train.data import load_training_data
+
+    cfg = resolve_config(method="defect-diffu", preset="tiny", overrides=[
+        f"data.path={synth_root}", f"method.backbone.path={tmp_path}"])
+    assert not cfg.data.train_on_good and cfg.method.trains_on_good()
+    defects = {r["defect"] for r in load_training_data(cfg).rows}
+    assert "good" in defects and len(defects) > 1
