@@ -223,9 +223,7 @@ class SegmentedDiT(nn.Module):
                 norm_elementwise_affine=config.norm_elementwise_affine, norm_eps=config.norm_eps)
             # The block gets its group's projected prompt where diffusers passes class labels.
             block.norm1.emb.class_embedder = nn.Identity()
-            if group == "defect":
-                nn.init.zeros_(block.attn2.to_out[0].weight)
-                nn.init.zeros_(block.attn2.to_out[0].bias)
+            if group == "defect":  # its output projection starts at zero (initialise_as_dit)
                 block.attn2.set_processor(ControlledAttnProcessor(self.attention_control,
                                                                   f"transformer_blocks.{i}.attn2"))
             blocks.append(block)
