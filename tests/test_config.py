@@ -114,3 +114,25 @@ def test_a_relative_search_space_file_is_loaded_by_its_absolute_path(tmp_path, m
     (tmp_path / "s.yaml").write_text((REPO_SPACES / "crop_paste.yaml").read_text())
     monkeypatch.chdir(tmp_path)
     assert load_space("s.yaml").source == tmp_path / "s.yaml"
+
+
+def test_defect_diffu_is_multi_product_by_default():
+    """The paper's point is one DiT for every product (issue 17: its sweep is multi-product by
+    default); per-product stays one override away, and the other methods keep per-product."""
+    for preset in ("tiny", "laptop", "paper"):
+        assert resolve_config(method="defect-diffu", preset=preset).train.mode == "multi-product"
+    assert resolve_config(method="defect-diffu", overrides=["train.mode=per-product"]).train.mode == "per-product"
+    assert resolve_config(method="anomaly-diffusion").train.mode == "per-product"
+
+
+def test_zero_shot_is_checked_against_the_method_and_the_training_mode():
+    ok = resolve_config(method="defect-diffu", overrides=["data.split.zero_shot=[metal]", "train.mode=multi-product",
+                                                          "data.products=[fabric,metal]"])
+    assert ok.data.split.zero_shot == ["metal"]
+    with pytest.raises(ConfigError, match="method 'defect-gen' cannot draw a product's defects"):
+        resolve_config(method="defect-gen", overrides=["data.split.zero_shot=[metal]", "train.mode=multi-product"])
+    with pytest.raises(ConfigError, match="needs train.mode=multi-product"):
+        resolve_config(method="defect-diffu", overrides=["data.split.zero_shot=[metal]", "train.mode=per-product"])
+    with pytest.raises(ConfigError, match="lists every product"):
+        resolve_config(method="defect-diffu", overrides=["data.split.zero_shot=[metal]", "train.mode=multi-product",
+                                                         "data.products=[metal]"])

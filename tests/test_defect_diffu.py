@@ -378,3 +378,31 @@ def test_diffu_trains_on_defect_free_rows_also_on_a_loaded_backbone(synth_root, 
     assert not cfg.data.train_on_good and cfg.method.trains_on_good()
     defects = {r["defect"] for r in load_training_data(cfg).rows}
     assert "good" in defects and len(defects) > 1
+
+
+def test_zero_shot_from_the_cli_trains_metal_on_its_good_images_and_samples_metal_scratch(
+        ray_session, synth_root, tmp_path, capsys):
+    """Item 6 from the CLI: ``data.split.zero_shot=[metal]`` trains no metal defect (the run's split
+    manifest: its train side holds no metal defect), and the checkpoint samples metal/scratch: its defect
+    direction comes from fabric's scratches (Eq. 4 names T and d in no call together)."""
+    import json
+
+    from defectforge import cli
+    from defectforge.data.arrow import read_parquet
+
+    out = tmp_path / "runs"
+    capsys.readouterr()
+    code = cli.main(["train", "--method", "defect-diffu", "--data", str(synth_root), "--out", str(out), "--name", "zs",
+                     "--mode", "multi-product", "--no-mlflow", "data.split.zero_shot=[metal]",
+                     "method.backbone_steps=2", "method.diffu_steps=2", "train.checkpoint_every=2"])
+    assert code == 0, capsys.readouterr().err
+    run = out / "zs"
+    manifest = json.loads(next(run.rglob("split_manifest.json")).read_text())
+    assert not [k for k in manifest["train"] if k.startswith("metal/") and k != "metal/good"]
+    assert manifest["test"]["metal/scratch"]  # all of them test
+    assert [k for k in manifest["train"] if k.startswith("fabric/") and k != "fabric/good"]
+    code = cli.main(["generate", "--checkpoint", str(run / "generator"), "--n", "2", "--out", str(tmp_path / "gen"),
+                     "--product", "metal", "--defects", "scratch", "--keep-empty", "--steps", "2"])
+    assert code == 0, capsys.readouterr().err
+    rows = [r for f in sorted((tmp_path / "gen").rglob("*.parquet")) for r in read_parquet(f)]
+    assert len(rows) == 2 and {(r["product"], r["defect"]) for r in rows} == {("metal", "scratch")}

@@ -318,6 +318,29 @@ def test_all_split_skips_segmentation_and_sees_copies_of_training_images(ray_ses
         assert m["mask_empty_rate"] == 0
 
 
+@pytest.mark.slow
+def test_zero_shot_product_skips_its_segmentation_and_measures_against_its_test_pairs(ray_session, synth_root,
+                                                                                     tmp_path):
+    """``data.split.zero_shot=[metal]``: metal has no defective training image, so its downstream
+    segmentation (a real-only baseline with no defect to learn, no validation defect to pick a model
+    on) is skipped with that reason, where it stopped the evaluation after every pair was drawn;
+    fabric's runs; metal's defect quality is measured against its real (all test) pairs."""
+    from defectforge.data.arrow import write_parquet
+    from defectforge.data.mvtec import load_rows, scan_dataset
+    from defectforge.evaluate.run import evaluate
+
+    index = scan_dataset(synth_root)
+    rows, _ = load_rows(index, index.defect_refs(), 64)
+    path = write_parquet(rows, tmp_path / "pairs.parquet")
+    cfg = _cfg(synth_root, tmp_path, "data.split.zero_shot=[metal]", "train.mode=multi-product",
+               "evaluation.seg_seeds=1", method="defect-diffu")
+    summary = evaluate(cfg, generated=path, out=tmp_path / "eval", log_to_mlflow=False, quiet=True)
+    assert summary["segmentation_skipped"] == {"metal": "no defective training image (data.split.zero_shot)"}
+    assert "segmentation" in summary["products"]["fabric"] and "segmentation" not in summary["products"]["metal"]
+    for d, m in summary["products"]["metal"]["defects"].items():
+        assert m["mask_empty_rate"] == 0 and m["mask_area_ratio"] == pytest.approx(1.0), d
+
+
 def test_eval_block_caches_models_per_worker_and_keeps_the_generation_batches(tmp_path):
     """The CPU map task of the evaluation (``actors.eval_block``): a block of several generation
     batches gives the same pairs as one block per batch (each batch seeded by its first row); the

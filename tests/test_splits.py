@@ -394,3 +394,28 @@ def test_all_protocol_trains_on_every_defective_image(synth_root):
     assert m.test and all(r.is_good for r in m.test)  # only test/good is left for testing
     assert {r.image_path for r in m.test} == {r.image_path for r in index.good_refs("test")}
     assert all(len(v) == 12 for k, v in m.ids("train").items() if not k.endswith("/good"))
+
+
+# ------------------------------------------------------------------------------- zero-shot
+@pytest.mark.parametrize("protocol", ["lowest-third", "half", "all"])
+def test_zero_shot_puts_every_defect_of_a_listed_product_on_the_test_side(synth_root, protocol):
+    index = scan_dataset(synth_root)
+    plain = make_split(index, SplitConfig(protocol=protocol, seed=3))
+    zero = make_split(index, SplitConfig(protocol=protocol, seed=3, zero_shot=["metal"]))
+    _assert_disjoint_and_complete(index, zero)
+    train, test = _by_type(zero.train), _by_type(zero.test)
+    metal = {k: v for k, v in _by_type(index.refs).items() if k[0] == "metal"}
+    assert metal and not any(k[0] == "metal" for k in train)  # no metal defect trains
+    for key, ids in metal.items():
+        assert test[key] == ids  # every one of them tests
+    # the other product's split is the protocol's own, untouched
+    assert train == {k: v for k, v in _by_type(plain.train).items() if k[0] == "fabric"}
+    assert {r.image_path for r in zero.train if r.is_good} == {r.image_path for r in plain.train if r.is_good}
+
+
+def test_zero_shot_names_an_unknown_product(synth_root):
+    index = scan_dataset(synth_root)
+    with pytest.raises(DataError, match=r"data.split.zero_shot: \['metl'\] not a product .*fabric.*metal"):
+        make_split(index, SplitConfig(zero_shot=["metl"]))
+    # a product of the dataset that this run did not select is not an error (a per-product index)
+    make_split(scan_dataset(synth_root, ["fabric"]), SplitConfig(zero_shot=["metal"]))

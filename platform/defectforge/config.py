@@ -94,6 +94,12 @@ class SplitConfig(_Strict):
     ``manifest``: bring your own split, a CSV ``product,defect,id,side`` (side train/test) at
     ``manifest``, every defective image on exactly one side. ``all``: every defective image trains
     (e.g. a customer's few images); only ``test/good`` is left for testing.
+
+    ``zero_shot`` (any protocol): the listed products' defective images are all on the test side,
+    so a generator learns those products from their defect-free images only and their defects
+    from the other products (DefectDiffu's zero-shot generation: a defect direction learned on
+    one product, applied to another). Only a method that can transfer defects across products
+    accepts it, and only in ``train.mode=multi-product``.
     """
 
     protocol: Literal["lowest-third", "first-k", "half", "group", "manifest", "all"] = "lowest-third"
@@ -107,6 +113,9 @@ class SplitConfig(_Strict):
     manifest: LocalPath = Field(
         None, description="CSV with columns product,defect,id,side (side: train or test) for protocol=manifest"
     )
+    zero_shot: list[str] = Field(default_factory=list, description="products whose defective images never train "
+                                                                   "(all on the test side): zero-shot generation "
+                                                                   "of their defects from the other products'")
 
     @model_validator(mode="after")
     def _manifest_needs_a_file(self) -> SplitConfig:
@@ -281,6 +290,12 @@ class MethodConfigBase(_Strict):
         says (a backbone pretrained here learns the product from them). Default: no."""
         return False
 
+    def zero_shot(self) -> bool:
+        """Whether the method can draw a product's defects having seen none of them, from what it
+        learned of those defects on other products (``data.split.zero_shot``). Default: no (a
+        method with per-(product, defect) parts would sample an untrained part)."""
+        return False
+
 
 class ConfigBase(_Strict):
     preset: Literal["tiny", "laptop", "paper"] = "tiny"
@@ -290,6 +305,23 @@ class ConfigBase(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
+
+    @model_validator(mode="after")
+    def _zero_shot(self) -> ConfigBase:
+        listed = self.data.split.zero_shot
+        method = getattr(self, "method", None)
+        if not listed or method is None:
+            return self
+        if not method.zero_shot():
+            raise ValueError(f"data.split.zero_shot={listed}: method {method.name!r} cannot draw a product's "
+                             "defects without training on them (zero-shot generation is defect-diffu's)")
+        if self.train.mode != "multi-product":
+            raise ValueError(f"data.split.zero_shot={listed} needs train.mode=multi-product: a zero-shot "
+                             "product learns its defects from the other products, so they train together")
+        if self.data.products is not None and not set(self.data.products) - set(listed):
+            raise ValueError(f"data.split.zero_shot={listed} lists every product of data.products="
+                             f"{self.data.products}: at least one must train on its defects")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -18,6 +18,8 @@ tiles: ~6 exposures per tile) an id-based cut leaks the same object into both si
 * ``all``: every defective image trains (a customer's handful of images, all needed to learn
   from). The test side then holds only ``test/good``, so test-based evaluation of defects
   (segmentation, memorisation baseline) is undefined; see ``evaluate/run.py``.
+* ``zero_shot`` (beside any protocol): the listed products' defective images are all on the test
+  side (DefectDiffu's zero-shot generation: their defects are learned from the other products).
 
 Each applies per (product, defect type). Defect-free images keep their folder: ``train/good``
 trains, ``test/good`` tests. Every manifest is checked for disjointness when it is built (by image
@@ -242,9 +244,16 @@ def make_split(index: DatasetIndex, cfg: Any) -> SplitManifest:
     train = [r for r in index.good_refs("train")]
     test = [r for r in index.good_refs("test")]
     sides = read_manifest(index, cfg.manifest) if cfg.protocol == "manifest" else {}
+    zero_shot = set(getattr(cfg, "zero_shot", None) or [])
+    unknown = sorted(p for p in zero_shot if p not in index.products and not _is_other_product(index, p))
+    if unknown:
+        raise DataError(f"data.split.zero_shot: {unknown} not a product of {index.root} "
+                        f"(products: {sorted(index.products)})")
     for key in sorted(by_type):
         refs = sorted(by_type[key], key=lambda r: id_sort_key(r.id))
-        if cfg.protocol == "all":
+        if key[0] in zero_shot:  # every defective image of a zero-shot product tests, none trains
+            tr, te = [], refs
+        elif cfg.protocol == "all":
             tr, te = refs, []
         elif cfg.protocol == "manifest":
             tr = [r for r in refs if sides[r.image_path] == "train"]

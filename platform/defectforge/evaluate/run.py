@@ -548,9 +548,13 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     seg_skipped = {p: f"no defective test image (data.split.protocol={cfg.data.split.protocol})"
                    for p in metrics["products"] if not any(r["product"] == p and r["defect"] != "good"
                                                            for r in real["test"])}
+    # A zero-shot product (data.split.zero_shot) has no defective training image: the real-only
+    # segmenter has no defect to learn and either one no validation defect to pick its model on.
+    seg_skipped.update({p: "no defective training image (data.split.zero_shot)" for p in metrics["products"]
+                        if p not in seg_skipped and not any(r["product"] == p for r in real["few_shot"])})
     if ev.segmentation and seg_skipped and not quiet:
-        print(f"[evaluate] downstream segmentation skipped for {', '.join(seg_skipped)}: no defective test image",
-              flush=True)
+        print("[evaluate] downstream segmentation skipped for "
+              + "; ".join(f"{p}: {why}" for p, why in seg_skipped.items()), flush=True)
     if ev.segmentation and len(seg_skipped) < len(metrics["products"]):
         seg = run_segmentation(real, [p for p in metrics["products"] if p not in seg_skipped], result.pair_refs,
                                list(range(ev.seg_seeds)), ev.seg_steps, ev.synthetic_ratio,

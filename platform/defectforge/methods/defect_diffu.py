@@ -54,8 +54,16 @@ its gradient (∂loss/∂R = ||mask ⊙ (ε̂ - ε)||² > 0) also pulls the atte
 supervision of the maps whose strength depends on the denoising error. We detach R (it is the
 loss's weight, as the issue writes it) and leave supervising the maps to the mask loss.
 
-Not done: zero-shot generation (issue item 6: keeping listed products' defects out of training,
-Eq. 12 at sampling). Not tried: training on more than one worker. DDP (``prepare_model`` without
+6. **Zero-shot** (``data.split.zero_shot: [T]``, the data layer's generic option: T's defective
+   images all test, none trains; backbone and stage ``diffu`` see T's defect-free images only):
+   (T, d) is sampled with Eq. 4 as any pair is. None of its three calls names T and d together,
+   ε(c_g,∅), ε(c_g, c_p = T) (trained on T's good rows) and ε(c_d,∅) (trained on the other
+   products' d rows with the product dropped, p1), so the defect direction w_d(ε(c_d,∅) - ε(c_g,∅))
+   learned elsewhere is added to T's product direction: the transfer the paper describes. The
+   paper's own zero-shot equation (Eq. 12) could not be read here (only its abstract is reachable
+   offline; the official code has no zero-shot path), so this is our reading of it.
+
+Not tried: training on more than one worker. DDP (``prepare_model`` without
 ``find_unused_parameters``) refuses parameters that require a gradient and get none, and the mask
 head gets none in stage ``backbone`` (pretraining has no mask loss).
 """
@@ -137,6 +145,13 @@ class DefectDiffuConfig(BackboneMethodConfig):
                     "backbone_steps": 600, "backbone_lr": 5e-4, "diffu_steps": 600, "lambda_mask": 4.0}
         return {"backbone": backbone, "background_blocks": 10, "defect_blocks": 10, "fusion_blocks": 8}
 
+    @classmethod
+    def run_preset(cls, name: str) -> dict[str, Any]:
+        """Multi-product by default (every preset): one DiT for all products is the paper's point
+        (the inter-product defect consistency, and zero-shot transfer, need the products together);
+        ``--mode per-product`` / ``train.mode`` still trains one per product."""
+        return {"train": {"mode": "multi-product"}}
+
     def pretraining(self) -> dict[str, Any] | None:
         """The backbone stage also depends on the group sizes (they fix which blocks cross-attend)."""
         out = super().pretraining()
@@ -147,6 +162,14 @@ class DefectDiffuConfig(BackboneMethodConfig):
     def trains_on_good(self) -> bool:
         """Always: stage ``diffu`` trains on balanced rows (the defect-free rows teach c_d = "good"),
         also on a backbone loaded from ``backbone.path``, where no backbone stage needs them."""
+        return True
+
+    def zero_shot(self) -> bool:
+        """Yes (``data.split.zero_shot``): Eq. 4 draws (T, d) from ε(c_g,∅), ε(c_g,c_p = T) and
+        ε(c_d,∅); none names T and d together, so each call is one a product with defect-free
+        images only was trained on (c_p = T on its good rows) or one the other products' defects
+        trained (c_d with the product dropped, Algorithm 1's p1): the defect direction is
+        transferred from the products that have d."""
         return True
 
 
