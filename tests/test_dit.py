@@ -294,3 +294,38 @@ def test_a_key_that_cannot_be_placed_is_an_error_naming_it(tmp_path, change, nam
     save_file(state, str(weights))
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
         SegmentedDiT.from_diffusers(folder, **_groups())
+
+
+def test_local_mixing_starts_as_dit_and_convolves_the_patch_grid():
+    """``local_mixing``: a model with it computes exactly what the same weights compute without it
+    until its convolutions move; each one convolves the tokens laid out row-major on the patch grid
+    (checked with a kernel that copies the left neighbour, on blocks that are still the identity);
+    and it learns."""
+    plain, mixed = _model(), _model(local_mixing=True)
+    missing = mixed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("local_mix.") for k in missing)
+    assert all(not c.weight.any() and not c.bias.any() for c in mixed.local_mix)
+    for layer in _adaln_zero_layers(plain):  # blocks and output that compute something
+        _randomise(layer)
+    mixed.load_state_dict(plain.state_dict(), strict=False)
+    inputs = _inputs()
+    with torch.no_grad():
+        a, b = plain(**inputs), mixed(**inputs)
+    assert torch.equal(a.sample, b.sample) and torch.equal(a.mask_latent, b.mask_latent)
+
+    fresh = _model(local_mixing=True)  # blocks are the identity (adaLN-Zero), so tokens = patch embedding
+    with torch.no_grad():
+        fresh.local_mix[0].weight[:, 0, 1, 0] = 1.0  # out[r, c] = in[r, c - 1]
+    seen = {}
+    fresh.norm_out.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        fresh(**inputs)
+        tokens = fresh.pos_embed(inputs["latent"])  # B x (4*4) x D, row-major over the 4 x 4 grid
+    grid = tokens.reshape(2, 4, 4, -1)
+    shifted = torch.zeros_like(grid)
+    shifted[:, :, 1:] = grid[:, :, :-1]
+    torch.testing.assert_close(seen["x"], (grid + shifted).reshape(2, 16, -1))
+
+    mixed.train().zero_grad()
+    mixed(**inputs).sample.square().mean().backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in mixed.local_mix)

@@ -91,7 +91,8 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"patch_size": 2, "dit_heads": 2, "dit_head_dim": 16, "mask_head_channels": 16},
     # mask_weight 1.25, measured (README) with the adaLN-Zero init: 1 draws 6 % non-empty masks, 1.25 100 % at
     # the real area, 2 twice the area (all of them patch-sized dots still: the dit has no spatial structure yet)
-    "laptop": {"patch_size": 2, "dit_heads": 4, "dit_head_dim": 32, "mask_head_channels": 32, "mask_weight": 1.25},
+    "laptop": {"patch_size": 2, "dit_heads": 4, "dit_head_dim": 32, "mask_head_channels": 32, "mask_weight": 2.0,
+               "dit_local_mixing": True},
     "paper": {"patch_size": 2, "dit_heads": 16, "dit_head_dim": 72, "mask_head_channels": 64},  # DiT-XL/2's width
 }
 

@@ -80,7 +80,7 @@ from defectforge.config import ConfigError, LocalPath, MethodConfigBase, _Strict
 ARCH_FIELDS = ("arch", "latent_downsample", "widths", "layers_per_block", "attention_resolution",
                "attention_head_dim", "norm_num_groups", "text_dim", "text_layers", "text_heads", "max_tokens",
                "num_train_timesteps", "beta_schedule", "prediction_type", "patch_size", "dit_heads", "dit_head_dim",
-               "mask_head_channels")
+               "mask_head_channels", "dit_local_mixing")
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 DIT_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
@@ -108,6 +108,10 @@ class BackboneConfig(_Strict):
     patch_size: Literal[1, 2, 4] = Field(2, description="dit trained here: latent cells per patch side")
     dit_heads: int = Field(4, ge=1, description="dit trained here: attention heads per block")
     dit_head_dim: int = Field(32, ge=1, description="dit trained here: width per head (block width = heads x this)")
+    dit_local_mixing: bool = Field(False, description="dit trained here: a zero-initialised depthwise 3x3 "
+                                                      "convolution over the patch grid after every block (not "
+                                                      "in DiT: gives a DiT trained on a CPU budget spatial "
+                                                      "structure; nn/dit.py, 'Local mixing')")
     mask_head_channels: int = Field(64, ge=1, description="dit: hidden channels of the mask head (a new layer, also "
                                                           "with a folder's DiT)")
     num_train_timesteps: int = Field(1000, ge=10)
@@ -291,7 +295,7 @@ class Backbone(nn.Module):
             cfg = DiTConfig(sample_size=size, in_channels=channels, patch_size=c.patch_size,
                             num_attention_heads=c.dit_heads, attention_head_dim=c.dit_head_dim, background_blocks=n,
                             defect_blocks=m, fusion_blocks=k, text_dim=c.text_dim,
-                            mask_head_channels=c.mask_head_channels)
+                            mask_head_channels=c.mask_head_channels, local_mixing=c.dit_local_mixing)
         except ValueError as exc:
             raise ConfigError(f"method.backbone (dit): {exc}") from None
         self.transformer = SegmentedDiT(cfg)
