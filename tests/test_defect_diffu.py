@@ -380,6 +380,7 @@ def test_diffu_trains_on_defect_free_rows_also_on_a_loaded_backbone(synth_root, 
     assert "good" in defects and len(defects) > 1
 
 
+@pytest.mark.slow
 def test_zero_shot_from_the_cli_trains_metal_on_its_good_images_and_samples_metal_scratch(
         ray_session, synth_root, tmp_path, capsys):
     """Item 6 from the CLI: ``data.split.zero_shot=[metal]`` trains no metal defect (the run's split
