@@ -549,7 +549,7 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
                    for p in metrics["products"] if not any(r["product"] == p and r["defect"] != "good"
                                                            for r in real["test"])}
     # A zero-shot product (data.split.zero_shot) has no defective training image: the real-only
-    # segmenter has no defect to learn and either one no validation defect to pick its model on.
+    # segmenter has no defect to learn, and neither segmenter a validation defect to pick its model on.
     seg_skipped.update({p: "no defective training image (data.split.zero_shot)" for p in metrics["products"]
                         if p not in seg_skipped and not any(r["product"] == p for r in real["few_shot"])})
     if ev.segmentation and seg_skipped and not quiet:

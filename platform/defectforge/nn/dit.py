@@ -244,7 +244,7 @@ class SegmentedDiT(nn.Module):
                                                                   f"transformer_blocks.{i}.attn2"))
             blocks.append(block)
         self.transformer_blocks = nn.ModuleList(blocks)
-        if config.local_mixing:  # after the blocks: without it, every other weight is drawn as before
+        if config.local_mixing:  # built after the blocks, so with it off every weight is drawn as before
             self.local_mix = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
                                            for _ in self.block_groups)
         self.prompt_proj = nn.ModuleDict({group: nn.Linear(config.text_dim, dim) for group in GROUPS})
