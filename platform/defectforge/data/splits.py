@@ -244,7 +244,7 @@ def make_split(index: DatasetIndex, cfg: Any) -> SplitManifest:
     train = [r for r in index.good_refs("train")]
     test = [r for r in index.good_refs("test")]
     sides = read_manifest(index, cfg.manifest) if cfg.protocol == "manifest" else {}
-    zero_shot = set(getattr(cfg, "zero_shot", None) or [])
+    zero_shot = set(cfg.zero_shot)
     unknown = sorted(p for p in zero_shot if p not in index.products and not _is_other_product(index, p))
     if unknown:
         raise DataError(f"data.split.zero_shot: {unknown} not a product of {index.root} "

@@ -287,9 +287,10 @@ class SegmentedDiT(nn.Module):
         for layer in self.adaln_zero_layers():
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        for conv in getattr(self, "local_mix", []):
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        if self.config.local_mixing:
+            for conv in self.local_mix:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
     def adaln_zero_layers(self) -> list[nn.Linear]:
         """The layers adaLN-Zero builds at zero: each block's modulation and the final layer's two."""
