@@ -372,3 +372,57 @@ def test_eval_block_caches_models_per_worker_and_keeps_the_generation_batches(tm
     again = actors.eval_block(dict(rows), "randfeat", generator=generator)
     assert actors._WORKER["actor"].gen is not loaded
     assert not np.array_equal(again["image"], whole["image"])
+
+
+def test_a_conditions_block_carries_its_real_share_and_writes_its_own_parts(tmp_path):
+    """``EvalActor.__call__`` with ``real_shards`` / ``parts`` (issue 12: no real blocks of their own, no
+    separate write task): the conditions block numbered k also featurises real share k, after its
+    pairs and with the same features as alone; its Parquet files hold every row's features and only
+    the generated rows' pairs; ``split_block`` gives the same split from the Arrow block Ray Data makes
+    of it; ``block_order`` puts blocks back in input order whatever order they finished in."""
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockAccessor
+
+    from defectforge.evaluate import actors
+    from defectforge.evaluate.blocks import split_block
+    from defectforge.evaluate.pipeline import block_order
+    from defectforge.methods.base import GeneratorContext, SamplingOptions, build_generator
+
+    cfg = resolve_config(method="defect-gen", preset="tiny")
+    ctx = GeneratorContext(("fabric",), {"fabric": ("hole", "scratch")}, 64)
+    ckpt = build_generator(cfg.method, ctx).save_pretrained(tmp_path / "g")
+    generator = {"checkpoint": str(ckpt), "seed": 3, "sampling": SamplingOptions(sampler="ddim", steps=2).to_json(),
+                 "batch_size": 2, "reject_empty": False}
+    rng = np.random.default_rng(0)
+    real = [{"image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "mask": np.zeros((64, 64), np.uint8),
+             "product": "fabric", "defect": d, "id": f"{i:03d}", "split": "test", "source": "real"}
+            for i, d in enumerate(["hole", "scratch", "hole"])]
+    rows = {"product": np.asarray(["fabric"] * 4), "defect": np.asarray(["hole", "scratch"] * 2),
+            "index": np.arange(4)}
+    pairs_dir, features_dir = tmp_path / "pairs", tmp_path / "features"
+    pairs_dir.mkdir(), features_dir.mkdir()
+    actors._EXTRACTORS.clear(), actors._WORKER.clear()
+    shards = [real[:2], real[2:]]
+    second = actors.eval_block({k: v[2:] for k, v in rows.items()} | {"block": np.asarray([1, 1])}, "randfeat",
+                               generator=generator, real_shards=shards, parts=(str(pairs_dir), str(features_dir)))
+    first = actors.eval_block({k: v[:2] for k, v in rows.items()} | {"block": np.asarray([0, 0])}, "randfeat",
+                              generator=generator, real_shards=shards, parts=(str(pairs_dir), str(features_dir)))
+    alone = actors.eval_block(actors.real_batch(real[:2]), "randfeat")  # real rows as a block of their own
+    assert list(first["source"]) == ["generated", "generated", "real", "real"]
+    assert list(first["id"]) == ["00000", "00001", "000", "001"] and "block" not in first
+    np.testing.assert_allclose(first["features"][2:], alone["features"], rtol=1e-6)
+    np.testing.assert_array_equal(first["image"][2:], np.stack([r["image"] for r in real[:2]]))
+    feats = pq.read_table(features_dir)
+    assert feats.num_rows == 4 + 3 and feats.column("source").to_pylist().count("real") == 3
+    pairs = pq.read_table(pairs_dir)
+    assert pairs.num_rows == 4 and sorted(pairs.column("id").to_pylist()) == ["00000", "00001", "00002", "00003"]
+    block = BlockAccessor.batch_to_block(first)
+    pair_cols, feature_rows = split_block(block)
+    assert list(pair_cols["id"]) == ["00000", "00001"] and pair_cols["image"].shape == (2, 64, 64, 3)
+    assert list(feature_rows["source"]) == ["generated", "generated", "real", "real"]
+    sliced, _ = split_block(block, 1, 3)
+    assert list(sliced["id"]) == ["00001"]
+    _, only_real = split_block(BlockAccessor.batch_to_block(alone))
+    assert _ is None and len(only_real["id"]) == 2
+    later = split_block(BlockAccessor.batch_to_block(second))[1]
+    assert sorted([only_real, later, feature_rows], key=block_order) == [feature_rows, later, only_real]

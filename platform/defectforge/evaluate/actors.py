@@ -81,7 +81,9 @@ class EvalActor:
         self.seed, self.reject_empty, self.max_attempts = seed, reject_empty, max_attempts
         self.batch_size = batch_size  # generation batch; a block may hold several (None: one per block)
 
-    def _generate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _generate(self, batch: dict[str, np.ndarray], progress: str | None = None) -> dict[str, np.ndarray]:
+        import time
+
         from defectforge.generate import GenerationPlan, sample_pairs
 
         if self.gen is None:
@@ -89,12 +91,16 @@ class EvalActor:
         index = np.asarray(batch["index"]).astype(np.int64)
         plan = GenerationPlan([str(p) for p in batch["product"]], [str(d) for d in batch["defect"]])
         step = self.batch_size or len(index)
-        rows = []
+        rows, t0 = [], time.perf_counter()
         for s in range(0, len(index), step):  # each generation batch seeded by its first row, as generate does
             part = GenerationPlan(plan.product[s:s + step], plan.defect[s:s + step])
             rows += sample_pairs(self.gen, part, self.seed * 1_000_003 + int(index[s]), batch_size=step,
                                  reject_empty=self.reject_empty, max_attempts=self.max_attempts, progress=False,
                                  source=self.source, options=self.options)[0]
+            if progress and len(rows) < len(index):  # a block is one task: say how far it is
+                elapsed = time.perf_counter() - t0
+                print(f"[evaluate] {progress}: {len(rows)}/{len(index)} pairs generated, {elapsed:.0f} s, about "
+                      f"{elapsed / len(rows) * (len(index) - len(rows)):.0f} s left", flush=True)
         return {
             "image": np.stack([r["image"] for r in rows]),
             "mask": np.stack([r["mask"] for r in rows]),
@@ -105,8 +111,29 @@ class EvalActor:
             "source": np.asarray([GENERATED] * len(rows)),
         }
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self._generate(batch) if "index" in batch else dict(batch)
+    def __call__(self, batch: dict[str, np.ndarray], real_shards: list[Any] | None = None,
+                 parts: tuple[str, str] | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+        """One input block -> one output block. ``real_shards``: ObjectRefs of lists of real
+        reference rows; a conditions block numbered k (column ``block``) also computes the
+        features of shard k, returned as rows after its pairs (``source="real"``, with their
+        pixels, since a block's columns are shared). ``parts``: (pairs folder, features folder)
+        the output is written to (``blocks.write_parts``). ``progress``: a line per generation batch
+        (the block's task prints it; Ray shows worker output in the driver's)."""
+        batch = dict(batch)
+        block = np.asarray(batch.pop("block", []))
+        label = f"conditions block {int(block[0])}" if progress and len(block) else None
+        out = self._evaluate(batch, keep_real_pixels=False, progress=label)
+        if real_shards and len(block) and int(block[0]) < len(real_shards):
+            out = _concat(out, self._evaluate(real_batch(_get(real_shards[int(block[0])])), keep_real_pixels=True))
+        if parts is not None:
+            from defectforge.evaluate.blocks import write_parts
+
+            write_parts(out, *parts)
+        return out
+
+    def _evaluate(self, batch: dict[str, np.ndarray], keep_real_pixels: bool,
+                  progress: str | None = None) -> dict[str, np.ndarray]:
+        out = self._generate(batch, progress) if "index" in batch else dict(batch)
         images = np.asarray(out["image"])
         if len(images):
             out["features"] = self.extractor.features(images).astype(np.float64)
@@ -115,9 +142,29 @@ class EvalActor:
             out["features"] = out["logits"] = np.zeros((0, 0), np.float64)
         if self.lpips is not None and len(images) and str(out["source"][0]) == GENERATED:
             out["lpips"] = self.lpips.features(images).cpu().numpy()
-        if len(images) and str(out["source"][0]) == REAL:  # pixels of real rows are not needed downstream
-            out = {k: v for k, v in out.items() if k not in ("image", "mask")}
+        if len(images) and str(out["source"][0]) == REAL and not keep_real_pixels:
+            out = {k: v for k, v in out.items() if k not in ("image", "mask")}  # not needed downstream
         return out
+
+
+def real_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Real reference rows (``run_pipeline``'s dicts) -> a numpy batch with the pairs' columns."""
+    batch = {c: np.stack([np.asarray(r[c]) for r in rows]) for c in ("image", "mask")}
+    batch.update({c: np.asarray([str(r[c]) for r in rows], dtype=object)
+                  for c in ("product", "defect", "id", "split", "source")})
+    return batch
+
+
+def _concat(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of ``second`` after those of ``first``, in ``first``'s columns; a column ``second`` lacks
+    (``lpips``: generated rows only) is filled with zeros, which nothing reads for those rows."""
+    n = len(second["source"])
+    out = {}
+    for c, v in first.items():
+        v = np.asarray(v)
+        w = np.asarray(second[c]) if c in second else np.zeros((n,) + v.shape[1:], v.dtype)
+        out[c] = np.concatenate([v, w])
+    return out
 
 
 _EXTRACTORS: dict[tuple[str, str | None, str], Any] = {}
@@ -125,7 +172,9 @@ _WORKER: dict[str, Any] = {}  # one slot: {"key": ..., "actor": EvalActor}
 
 
 def eval_block(batch: dict[str, np.ndarray], kind: str, weights_dir: str | None = None, num_gpus: float = 0.0,
-               generator: dict[str, Any] | None = None, lpips: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+               generator: dict[str, Any] | None = None, lpips: dict[str, Any] | None = None,
+               real_shards: list[Any] | None = None, parts: tuple[str, str] | None = None,
+               progress: bool = False) -> dict[str, np.ndarray]:
     """``EvalActor.__call__`` as a Ray Data *task* whose models live in the worker process.
 
     Why (issue 12): an actor pool's actors are fresh processes, created per evaluation and gone
@@ -157,7 +206,7 @@ def eval_block(batch: dict[str, np.ndarray], kind: str, weights_dir: str | None 
             actor._load_generator(num_gpus=num_gpus, **generator)
         actor.lpips = cached_lpips(lpips["kind"], lpips["weights_dir"], device) if lpips else None
         _WORKER.update(key=key, actor=actor)
-    return _WORKER["actor"](batch)
+    return _WORKER["actor"](batch, real_shards=real_shards, parts=parts, progress=progress)
 
 
 def decode_refs(batch: dict[str, np.ndarray], classes: dict[str, list[str]], resolution: int) -> dict[str, np.ndarray]:

@@ -2,18 +2,21 @@
 
 Shape of one run::
 
-    conditions blocks (product, defect, index; one block = a few generation batches)
-      U real reference blocks (image, mask, ...; source="real")
+    conditions blocks (product, defect, index, block; one block per map task, whole generation
+      batches); the real reference rows in shares in the object store, share k featurised by the
+      task of block k (``real_shards``)
         | CPU: map_batches(eval_block, TaskPoolStrategy(num_actors), batch_size=None)
         |   generator, feature extractor cached per Ray worker process (reused by later evaluations)
         | GPU: map_batches(EvalActor, ActorPoolStrategy(num_actors)): loaded once per actor
         |   generate -> features + logits (+ LPIPS embeddings of generated images: ``lpips_in_pass``)
+        |   -> the block's Parquet files (<artifacts>/pairs/, <artifacts>/features/; ``write_parts``)
         |   (this dataset's own context turns Ray Data's per-operator reservation off: with it, the
         |   one map operator ran one task at a time on 2 CPUs)
         v   output blocks stream to the driver as object refs (iter_internal_ref_bundles)
-    per output block, one small Ray task (``finish_block``): its Parquet files
-        (<artifacts>/pairs/, <artifacts>/features/), the pair columns as a numpy dict in the object
-        store (``PipelineResult.pair_refs``), and its feature rows back to the driver
+    per output block (``blocks.split_block``): the generated rows' pair columns as a numpy dict in
+        the object store (``PipelineResult.pair_refs``) and every row's feature row for the driver;
+        in the driver for a small evaluation, else as a Ray task next to the block (pixels never
+        travel to the driver)
     driver: feature rows -> GaussianStats per (source, product, defect) (FID), KID / IS inputs
     one Ray task per level (group, product, overall; ``level_fidelity``): FID, KID, IS, running
         on the cluster while the driver does the next step
@@ -23,7 +26,8 @@ Shape of one run::
 
 An existing folder (MVTec layout, as ``defectforge generate`` writes) or Parquet file of generated
 pairs replaces the conditions blocks: the folder's files are decoded by Ray tasks (``decode_refs``)
-and go through the same map tasks for their features.
+and go, with the real rows as blocks of their own (a ``union``), through the same map tasks for
+their features.
 
 Where the time went before (issue 12, profile on this 2-CPU machine): a generator pool feeding a
 feature pool, a second execution with a third pool for the real images, ``materialize`` +
@@ -50,6 +54,13 @@ map tasks one at a time (off for this dataset); the driver did ~1.4 s of serial 
 roots): the LPIPS embeddings now come out of the map tasks, the distance matrices are one matrix
 product on embeddings, and the diversity groups and FID/KID/IS run as tasks on the warm workers
 while the driver waits; two blocks per map task instead of four, one real block per task.
+
+Then (issue 12, fourth round, 2026-12-07, same measurement, median ratio 0.55-0.59 -> 0.45): a
+``finish_block`` task per output block wrote its Parquet files and split pixels from feature rows
+(~40 ms of a shared core each, plus a scheduling round), and every extra wave of map tasks cost up
+to 0.1 s of Ray Data's completion polling. Now the map tasks write their own files, a small
+evaluation splits its blocks in the driver, the real rows ride with the conditions blocks instead
+of being blocks of their own, and there is one block per map task.
 
 Scaling out: the map tasks (actors on GPUs) are the unit of parallelism. On a cluster,
 ``evaluation.num_actors`` of them (each ``num_gpus_per_actor`` GPUs or up to one CPU) run on
@@ -82,7 +93,7 @@ from defectforge.evaluate.actors import (
     eval_block,
     warm_diversity,
 )
-from defectforge.evaluate.blocks import FEATURE_COLUMNS, PAIR_COLUMNS, finish_block  # noqa: F401 (re-exported)
+from defectforge.evaluate.blocks import FEATURE_COLUMNS, PAIR_COLUMNS, split_block  # noqa: F401 (re-exported)
 from defectforge.evaluate.metrics import GaussianStats
 
 
@@ -138,8 +149,8 @@ def _lpips_dim(kind: str, weights_dir: str | None, resolution: int) -> int:
     return int(cached_lpips(kind, weights_dir, "cpu").features(black).shape[1])
 
 
-# Blocks of conditions rows per concurrent map task (``generated_from_checkpoint``).
-BLOCKS_PER_WORKER = 2
+# Blocks of conditions rows per concurrent map task (``generated_from_checkpoint``'s docstring says why 1).
+BLOCKS_PER_WORKER = 1
 
 
 def diversity_on_driver(mode: str, n_pairs: int, resolution: int) -> bool:
@@ -178,6 +189,7 @@ class GeneratorSource:
     conditions: Any                # Ray Dataset: blocks of whole generation batches
     generator: dict[str, Any]      # EvalActor(generator=...)
     n_rows: int = 0                # conditions rows (pairs to generate)
+    n_blocks: int = 1              # conditions blocks; column ``block`` numbers them 0 .. n_blocks - 1
 
 
 @dataclass
@@ -241,12 +253,14 @@ def generated_from_checkpoint(checkpoint: str | Path, rows: list[dict[str, Any]]
     generator's arguments. ``sampling``: ``SamplingOptions`` for every batch (None = the
     checkpoint's recorded ones).
 
-    Why several batches per block: each block is one Ray Data task plus one ``finish_block`` task;
-    at 16 pairs a block's work (~40 ms here) was smaller than that overhead (issue 12: the
-    384-pair pass took 1.05 s in 24 blocks, 0.65 s in 8). ``BLOCKS_PER_WORKER`` (2) blocks per
-    concurrent task keep the stream balanced to the end; 4 cost ~0.2 s more in Ray Data's
-    per-block overhead at 384 pairs (2026-12-02: a trivial map over 13 blocks 0.48 s, over 6
-    0.28 s), more than a slow generator's last block leaves idle."""
+    Why one block per concurrent map task (``BLOCKS_PER_WORKER``): each block is a Ray Data task,
+    and Ray Data notices a finished task only when all running ones are done or 0.1 s has passed
+    (its executor's ``ray.wait(..., num_returns=len(active), timeout=0.1)``), so each further wave
+    of tasks cost up to 0.1 s of idle cores (issue 12, 384 pairs on 2 CPUs: 24 blocks 1.05 s, 8
+    blocks 0.65 s; 4 blocks + 2 real ones 0.66-0.77 s, 2 blocks carrying the real rows 0.53-0.62
+    s). Blocks are whole generation batches, split as evenly as batches allow; the price is that
+    a slow task's block cannot be rebalanced, and that the driver hears of a block only when it is
+    done (the task prints a progress line per generation batch instead: ``spec.progress``)."""
     import pyarrow as pa
     import ray
 
@@ -254,12 +268,14 @@ def generated_from_checkpoint(checkpoint: str | Path, rows: list[dict[str, Any]]
         raise ValueError("no conditions rows to generate from (no products / defect types?)")
     bs = spec.batch_size
     n_batches = math.ceil(len(rows) / bs)
-    per_block = bs * max(1, n_batches // (BLOCKS_PER_WORKER * max(1, spec.num_actors)))
-    tables = [pa.Table.from_pylist(rows[s:s + per_block]) for s in range(0, len(rows), per_block)]
+    per_block = bs * math.ceil(n_batches / (BLOCKS_PER_WORKER * max(1, spec.num_actors)))
+    # ``block``: which real reference rows the block's task also featurises (``run_pipeline``)
+    tables = [pa.Table.from_pylist([dict(r, block=b) for r in rows[s:s + per_block]])
+              for b, s in enumerate(range(0, len(rows), per_block))]
     return GeneratorSource(ray.data.from_arrow(tables), {
         "checkpoint": str(checkpoint), "seed": spec.seed, "batch_size": bs,
         "sampling": sampling.to_json() if sampling is not None else None, "data_root": data_root, "split": split,
-        "reject_empty": reject_empty, "max_attempts": max_attempts}, n_rows=len(rows))
+        "reject_empty": reject_empty, "max_attempts": max_attempts}, n_rows=len(rows), n_blocks=len(tables))
 
 
 def generated_from_path(path: str | Path, products: list[str] | None, resolution: int,
@@ -422,6 +438,18 @@ def level_fidelity(g: GaussianStats | None, r: GaussianStats | None, fg: np.ndar
 
 
 # ------------------------------------------------------------------------------------- the run
+def block_order(features: dict[str, np.ndarray]) -> tuple:
+    """Sort key of an output block (its feature rows): blocks with generated rows first, by their
+    first row's id (conditions blocks hold consecutive indices, ids ``%05d``; a block's real share
+    follows its pairs, and share k rides with block k, so this restores the input order of both),
+    then blocks of real or decoded rows by their first (product, defect, id)."""
+    if not len(features["source"]):
+        return (2,)
+    first = [str(np.asarray(features[c])[0]) for c in ("source", "product", "defect", "id")]
+    natural = (0, int(first[3]), "") if first[3].isdigit() else (1, 0, first[3])
+    return (0 if first[0] == GENERATED else 1, *natural, first[1], first[2])
+
+
 def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: dict[str, dict[str, np.ndarray]],
                  spec: PipelineSpec, artifacts: str | Path, classes: dict[str, tuple[str, ...]] | None = None,
                  fidelity_scope: str = "all", kid_subsets: int = 100) -> PipelineResult:
@@ -443,25 +471,40 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
         raise ValueError("no real reference images to compare the generated pairs with")
     real = [{"image": r["image"], "mask": r["mask"], "product": r["product"], "defect": r["defect"],
              "id": str(r["id"]), "split": str(r["split"]), "source": REAL} for r in real_rows]
-    # One block of real rows per map task at most: each block costs a task and a ``finish_block``
-    # (~40 ms of overhead here) and a real block's work is small (features only).
-    n_real_blocks = max(1, min(spec.num_actors, math.ceil(len(real) / spec.batch_size)))
-    real_ds = ray.data.from_items(real, override_num_blocks=n_real_blocks)
+    # At most one share of the real rows per concurrent map task: a real share's work is small
+    # (features only).
+    n_real = max(1, min(spec.num_actors, math.ceil(len(real) / spec.batch_size)))
+    real_shards = None
     if isinstance(generated, GeneratorSource):
+        # The real rows ride with the first conditions blocks (``EvalActor.__call__``'s
+        # ``real_shards``) instead of being blocks of their own after a ``union``: each extra block
+        # cost a task, and each wave of tasks up to 0.1 s of Ray Data's completion polling (its
+        # executor waits on ALL running tasks with a 0.1-s timeout); issue 12, 384 pairs: pass
+        # 0.66-0.77 s -> 0.54-0.61 s together with the writes moved into the map tasks.
+        bounds = np.linspace(0, len(real), min(n_real, generated.n_blocks) + 1).astype(int)
+        real_shards = [ray.put(real[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         inputs, generator, reserve = generated.conditions, generated.generator, 0.0
     else:  # pairs decoded by Ray tasks upstream of the actors: leave them a CPU
-        inputs, generator, reserve = generated, None, 1.0
+        inputs = generated.union(ray.data.from_items(real, override_num_blocks=n_real))
+        generator, reserve = None, 1.0
     map_kwargs = _map_kwargs(spec, reserve)
     embed = isinstance(generated, GeneratorSource) and lpips_in_pass(
         spec, generated.n_rows, int(np.asarray(real[0]["image"]).shape[0]))
     model_args = {"kind": spec.extractor, "weights_dir": spec.weights_dir, "num_gpus": spec.num_gpus_per_actor,
                   "generator": generator,
                   "lpips": {"kind": spec.lpips_kind, "weights_dir": spec.weights_dir} if embed else None}
+    pairs_path, features_path = artifacts / "pairs", artifacts / "features"
+    for folder in (pairs_path, features_path):  # a re-run must not mix old parts with new ones
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    # Each map task writes its own output's Parquet files (``blocks.write_parts``).
+    call_args = {"real_shards": real_shards, "parts": (str(pairs_path), str(features_path)),
+                 "progress": spec.progress}
     if spec.num_gpus_per_actor > 0:  # GPU: an actor pool, models loaded once per actor
-        ds = inputs.union(real_ds).map_batches(EvalActor, batch_size=None, fn_constructor_kwargs=model_args,
-                                               **map_kwargs)
+        ds = inputs.map_batches(EvalActor, batch_size=None, fn_constructor_kwargs=model_args, fn_kwargs=call_args,
+                                **map_kwargs)
     else:  # CPU: tasks on Ray's reused workers, models cached per worker process (``eval_block``)
-        ds = inputs.union(real_ds).map_batches(eval_block, batch_size=None, fn_kwargs=model_args, **map_kwargs)
+        ds = inputs.map_batches(eval_block, batch_size=None, fn_kwargs={**model_args, **call_args}, **map_kwargs)
     if isinstance(generated, GeneratorSource):
         # One map operator over blocks already in the object store: let it use every slot it was
         # given. Ray Data's per-operator resource reservation (on by default; half the cluster split
@@ -476,11 +519,10 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     warm = ray.remote(num_cpus=1, scheduling_strategy=outside_placement_group())(warm_diversity)
     warming = [warm.remote(spec.lpips_kind, spec.weights_dir, 0.0) for _ in range(max(0, idle))]
 
-    pairs_path, features_path = artifacts / "pairs", artifacts / "features"
-    for folder in (pairs_path, features_path):  # a re-run must not mix old parts with new ones
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-    finish = ray.remote(num_returns=2, scheduling_strategy=outside_placement_group())(finish_block)
+    # A big evaluation splits each output block in a task next to it, so only feature rows come
+    # here; a small one (``diversity_on_driver``: a few MiB of pixels) splits it here, which saves
+    # a task and a scheduling round per block.
+    split = ray.remote(num_returns=2, scheduling_strategy=outside_placement_group())(split_block)
     finished = []
     total_rows = len(real) + generated.n_rows if isinstance(generated, GeneratorSource) else 0
     rows_done = 0
@@ -495,7 +537,11 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
                 print(f"[evaluate] {rows_done}/{total_rows or '?'} rows through the pass (generated pairs and real "
                       f"references)  {rows_done / max(elapsed, 1e-9):.2f} rows/s  {elapsed:.0f} s", flush=True)
             bounds = (piece.start_offset, piece.end_offset) if piece is not None else (None, None)
-            finished.append(finish.remote(ref, *bounds, len(finished), str(pairs_path), str(features_path)))
+            if spec.diversity_on_driver:
+                pairs, feature_rows = split_block(ray.get(ref), *bounds)
+                finished.append((ray.put(pairs) if pairs is not None else None, feature_rows))
+            else:
+                finished.append(split.remote(ref, *bounds))
     timings["actor_pass_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -504,8 +550,13 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
     logits: dict[tuple[str, str, str], list[np.ndarray]] = defaultdict(list)
     pair_refs, n_generated = [], 0
     embeddings: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
-    for pairs_ref, feats_ref in finished:
-        block = ray.get(feats_ref)
+    remote = [i for i, (_, rows) in enumerate(finished) if isinstance(rows, ray.ObjectRef)]
+    for i, rows in zip(remote, ray.get([finished[i][1] for i in remote])):
+        finished[i] = (finished[i][0], rows)
+    # Blocks finish in any order; the rows are taken in input order (KID's subsets and IS's splits
+    # depend on the order of the rows, so the figures do not depend on which task finished first).
+    finished.sort(key=lambda f: block_order(f[1]))
+    for pairs_ref, block in finished:
         keys = list(zip(np.asarray(block["source"]).astype(str), np.asarray(block["product"]).astype(str),
                         np.asarray(block["defect"]).astype(str)))
         f, lg = np.asarray(block["features"], np.float64), np.asarray(block["logits"], np.float64)
@@ -514,11 +565,12 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
             stats[key].update(f[rows])
             features[key].append(f[rows])
             logits[key].append(lg[rows])
-            if "lpips" in block:
+            if "lpips" in block and key[0] == GENERATED:
                 embeddings[key[1:]].append((np.asarray(block["id"])[rows], np.asarray(block["lpips"])[rows]))
-        if keys and keys[0][0] == GENERATED:
+        n_pairs = sum(k[0] == GENERATED for k in keys)
+        if n_pairs:  # the block has generated rows, so ``split_block`` returned their pair columns
             pair_refs.append(pairs_ref)
-            n_generated += len(keys)
+            n_generated += n_pairs
     if n_generated == 0:
         raise ValueError("the pipeline generated no pairs")
     features_of = {k: np.concatenate(v) for k, v in features.items()}

@@ -75,7 +75,7 @@ def trial_resources(cfg: ConfigBase) -> dict[str, float]:
     Why no spare CPU for the evaluation: a trial evaluates its own checkpoint, so the pipeline's
     input blocks are already in the object store (``pipeline.generated_from_checkpoint``, reserve
     0); only a folder of pairs has decoding tasks upstream that need one. The CPU a second trial
-    holds leaves the first's ``finish_block`` / segmentation tasks waiting their turn, never stuck:
+    holds leaves the first's ``split_block`` / segmentation tasks waiting their turn, never stuck:
     they are short tasks behind short map tasks. Counting one CPU more made every laptop-preset
     sweep run one trial at a time on 2 CPUs (issue 12: one core idle through every training;
     DefectSynth's 4-trial sweep took 17.7 min)."""
