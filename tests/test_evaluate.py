@@ -291,6 +291,30 @@ def test_generated_parquet_source(ray_session, synth_root, tmp_path):
     assert set(classes) == {"fabric"}
 
 
+def test_an_evaluations_own_pairs_folder_is_a_generated_source(ray_session, synth_root, tmp_path):
+    """``evaluate --generated <eval out>/artifacts/pairs``: the Parquet parts the map tasks write
+    (``blocks.write_parts``: image columns in Ray Data's tensor type, not PNG) are read back as pairs,
+    so a crashed evaluation's pairs can be scored again."""
+    from defectforge.data.mvtec import load_rows, scan_dataset
+    from defectforge.evaluate.blocks import write_parts
+    from defectforge.evaluate.pipeline import generated_from_path
+
+    index = scan_dataset(synth_root)
+    rows, _ = load_rows(index, index.defect_refs("fabric")[:5], 64)
+    out = {"image": np.stack([r["image"] for r in rows]), "mask": np.stack([r["mask"] for r in rows]),
+           **{c: np.asarray([str(r[c]) for r in rows], dtype=object) for c in ("product", "defect", "id")},
+           "split": np.asarray(["synthetic"] * 5, dtype=object), "source": np.asarray(["generated"] * 5, dtype=object),
+           "features": np.zeros((5, 4)), "logits": np.zeros((5, 2))}
+    (tmp_path / "pairs").mkdir(), (tmp_path / "features").mkdir()
+    write_parts({k: v[:3] for k, v in out.items()}, str(tmp_path / "pairs"), str(tmp_path / "features"))
+    write_parts({k: v[3:] for k, v in out.items()}, str(tmp_path / "pairs"), str(tmp_path / "features"))
+    ds, classes = generated_from_path(tmp_path / "pairs", None, 32)
+    got = sorted(ds.take_all(), key=lambda r: r["id"])
+    assert len(got) == 5 and set(classes) == {"fabric"} and {r["source"] for r in got} == {"generated"}
+    assert got[0]["image"].shape == (32, 32, 3) and got[0]["mask"].shape == (32, 32)
+    assert [r["id"] for r in got] == sorted(str(r["id"]) for r in rows)
+
+
 @pytest.mark.slow
 def test_all_split_skips_segmentation_and_sees_copies_of_training_images(ray_session, synth_root, tmp_path):
     """``data.split.protocol=all``: every defective image trains, so no defective test image is left.
@@ -339,6 +363,26 @@ def test_zero_shot_product_skips_its_segmentation_and_measures_against_its_test_
     assert "segmentation" in summary["products"]["fabric"] and "segmentation" not in summary["products"]["metal"]
     for d, m in summary["products"]["metal"]["defects"].items():
         assert m["mask_empty_rate"] == 0 and m["mask_area_ratio"] == pytest.approx(1.0), d
+
+
+@pytest.mark.slow
+def test_one_defect_image_per_type_skips_segmentation_before_it_starts(ray_session, synth_root, tmp_path):
+    """``data.split.protocol=first-k``, ``k=1``: one defective training image per type leaves the
+    validation carve no defect to hold (it keeps one image of a type in train), which stopped the
+    evaluation inside the segmentation tasks after every pair was scored; now the product's
+    segmentation is skipped up front with the reason, and the rest of the evaluation stands."""
+    from defectforge.data.arrow import write_parquet
+    from defectforge.data.mvtec import load_rows, scan_dataset
+    from defectforge.evaluate.run import evaluate
+
+    index = scan_dataset(synth_root)
+    rows, _ = load_rows(index, index.defect_refs("fabric"), 64)
+    path = write_parquet(rows, tmp_path / "pairs.parquet")
+    cfg = _cfg(synth_root, tmp_path, "data.split.protocol=first-k", "data.split.k=1", "data.products=[fabric]")
+    summary = evaluate(cfg, generated=path, out=tmp_path / "eval", log_to_mlflow=False, quiet=True)
+    assert list(summary["segmentation_skipped"]) == ["fabric"]
+    assert summary["segmentation_skipped"]["fabric"].startswith("fewer than 2 defective training images")
+    assert "segmentation" not in summary["products"]["fabric"] and summary["n_generated"] == len(rows)
 
 
 def test_eval_block_caches_models_per_worker_and_keeps_the_generation_batches(tmp_path):

@@ -55,11 +55,19 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
 
 
 def decode_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """A columnar batch with PNG columns -> the same batch with uint8 arrays (Ray Data map_batches)."""
+    """A columnar batch with PNG columns -> the same batch with uint8 arrays (Ray Data map_batches).
+
+    Image / mask columns that are already arrays pass through: the evaluation's own
+    ``artifacts/pairs`` Parquet files keep them in Ray Data's tensor type (``evaluate/blocks.py``),
+    so a crashed or finished evaluation's pairs can be scored again with ``evaluate --generated``."""
     out = {c: list(batch[c]) for c in TEXT_COLUMNS}
-    out["image"] = [decode_png(b) for b in batch["image"]]
-    out["mask"] = [decode_png(b) for b in batch["mask"]]
+    out["image"] = [_pixels(b) for b in batch["image"]]
+    out["mask"] = [_pixels(b) for b in batch["mask"]]
     return out
+
+
+def _pixels(value: Any) -> np.ndarray:
+    return decode_png(value) if isinstance(value, (bytes, bytearray)) else np.asarray(value, np.uint8)
 
 
 def table_to_rows(table: pa.Table) -> list[dict[str, Any]]:

@@ -293,6 +293,8 @@ def generated_from_path(path: str | Path, products: list[str] | None, resolution
     parquet = p if p.suffix == ".parquet" else None
     if parquet is None and p.is_dir() and not _has_products(p) and (p / "generated.parquet").exists():
         parquet = p / "generated.parquet"
+    elif parquet is None and p.is_dir() and not _has_products(p) and any(p.glob("*.parquet")):
+        parquet = p  # a folder of Parquet parts, e.g. an evaluation's own artifacts/pairs
     if parquet is not None:
         return _from_parquet(parquet, products, resolution)
     from defectforge.data.mvtec import scan_dataset

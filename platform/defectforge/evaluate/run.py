@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -550,8 +550,15 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
                                                            for r in real["test"])}
     # A zero-shot product (data.split.zero_shot) has no defective training image: the real-only
     # segmenter has no defect to learn, and neither segmenter a validation defect to pick its model on.
-    seg_skipped.update({p: "no defective training image (data.split.zero_shot)" for p in metrics["products"]
-                        if p not in seg_skipped and not any(r["product"] == p for r in real["few_shot"])})
+    # The validation carve needs 2 defective training images of one type (one stays in train), so a
+    # split with fewer (data.split first-k with k = 1) is skipped too, before any segmentation starts.
+    for p in metrics["products"]:
+        per_type = Counter(str(r["defect"]) for r in real["few_shot"] if r["product"] == p and r["defect"] != "good")
+        if p in seg_skipped or max(per_type.values(), default=0) >= 2:
+            continue
+        seg_skipped[p] = ("no defective training image (data.split.zero_shot)" if not per_type else
+                          "fewer than 2 defective training images of every defect type (the validation carve "
+                          f"needs 2 of one type; data.split.protocol={cfg.data.split.protocol})")
     if ev.segmentation and seg_skipped and not quiet:
         print("[evaluate] downstream segmentation skipped for "
               + "; ".join(f"{p}: {why}" for p, why in seg_skipped.items()), flush=True)
