@@ -40,7 +40,8 @@ Why the FID statistics are summed on the driver and not by a distributed aggrega
 every feature row in one place anyway (and IS every logit row), so the rows come to the driver in
 any case; a shuffle only added tasks. Only feature rows travel there (D floats + C logits per
 image), never pixels: the pixels stay in the object store (``pair_refs``) and are read by the
-diversity and segmentation tasks where they run.
+diversity and segmentation tasks where they run. (Except in a small evaluation, at most 64 MiB of
+generated pixels: ``diversity_on_driver``, whose blocks the driver splits itself.)
 
 Then (issue 12, second round): an actor pool's actors are fresh processes that die with their
 evaluation, so every evaluation paid ``import torch`` (~1.4 s here) again; CPU map tasks run on
@@ -67,7 +68,10 @@ Scaling out: the map tasks (actors on GPUs) are the unit of parallelism. On a cl
 whichever nodes have room; the
 conditions blocks are spread over them by Ray Data's streaming executor, and blocks stay in the
 object store of the node that made them until a diversity / segmentation task on some node reads
-them. The driver's share grows with the number of images only by their feature rows.
+them. The driver's share grows with the number of images only by their feature rows (past
+``DRIVER_DIVERSITY_MAX_BYTES`` of generated pixels; below it the driver splits the blocks).
+There is one conditions block per map task, so on more nodes ``evaluation.num_actors`` sets both
+how many tasks run and how finely the conditions are cut.
 """
 
 from __future__ import annotations
