@@ -470,3 +470,32 @@ def test_a_conditions_block_carries_its_real_share_and_writes_its_own_parts(tmp_
     assert _ is None and len(only_real["id"]) == 2
     later = split_block(BlockAccessor.batch_to_block(second))[1]
     assert sorted([only_real, later, feature_rows], key=block_order) == [feature_rows, later, only_real]
+
+
+@pytest.mark.slow
+def test_conditions_are_cut_into_one_block_per_map_task_of_whole_batches_capped_in_bytes(ray_session, tmp_path,
+                                                                                         monkeypatch):
+    """``generated_from_checkpoint``: one block per concurrent map task (Ray Data notices finished
+    tasks only every 0.1 s, so each extra wave idled a core), each a run of whole generation batches
+    numbered in column ``block``; a big evaluation is cut finer so that a block holds at most
+    ``BLOCK_MAX_BYTES`` of pixels."""
+    from defectforge.evaluate import pipeline
+    from defectforge.methods.base import GeneratorContext, build_generator
+
+    cfg = resolve_config(method="defect-gen", preset="tiny")
+    ckpt = build_generator(cfg.method, GeneratorContext(("fabric",), {"fabric": ("hole",)}, 64)).save_pretrained(
+        tmp_path / "g")
+    rows = pipeline.conditions_rows({"fabric": ("hole",)}, 50)  # 50 rows: 13 batches of 4, the last of 2
+    spec = pipeline.PipelineSpec(extractor="randfeat", weights_dir=None, lpips_kind="randnet", num_actors=2,
+                                 batch_size=4)
+
+    def blocks(source):
+        return [b["block"].tolist() for b in source.conditions.iter_batches(batch_size=None, batch_format="numpy")]
+
+    source = pipeline.generated_from_checkpoint(ckpt, rows, spec)
+    got = blocks(source)
+    assert source.n_blocks == 2 and sorted(len(b) for b in got) == [22, 28]  # 7 and 6 batches
+    assert sorted(b[0] for b in got) == [0, 1] and all(len(set(b)) == 1 for b in got)
+    monkeypatch.setattr(pipeline, "BLOCK_MAX_BYTES", 3 * 4 * 64 * 64 * 4)  # 3 batches of 4 pairs at 64 px
+    source = pipeline.generated_from_checkpoint(ckpt, rows, spec)
+    assert source.n_blocks == 5 and sorted(len(b) for b in blocks(source)) == [2, 12, 12, 12, 12]

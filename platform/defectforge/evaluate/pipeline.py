@@ -156,6 +156,11 @@ def _lpips_dim(kind: str, weights_dir: str | None, resolution: int) -> int:
 # Blocks of conditions rows per concurrent map task (``generated_from_checkpoint``'s docstring says why 1).
 BLOCKS_PER_WORKER = 1
 
+# At most this many bytes of generated pixels (RGB + mask) per conditions block: Ray Data's default
+# target block size. A big evaluation is then cut into more blocks than map tasks, so no task holds
+# a gigabyte of pixels (10 000 pairs at 256 px over 2 tasks would be ~1.3 GB each).
+BLOCK_MAX_BYTES = 128 * 2**20
+
 
 def diversity_on_driver(mode: str, n_pairs: int, resolution: int) -> bool:
     """Whether an evaluation is small: its diversity stage (LPIPS, IC-LPIPS, mask quality per
@@ -264,15 +269,20 @@ def generated_from_checkpoint(checkpoint: str | Path, rows: list[dict[str, Any]]
     blocks 0.65 s; 4 blocks + 2 real ones 0.66-0.77 s, 2 blocks carrying the real rows 0.53-0.62
     s). Blocks are whole generation batches, split as evenly as batches allow; the price is that
     a slow task's block cannot be rebalanced, and that the driver hears of a block only when it is
-    done (the task prints a progress line per generation batch instead: ``spec.progress``)."""
+    done (the task prints a progress line per generation batch instead: ``spec.progress``). A big
+    evaluation's blocks are capped at ``BLOCK_MAX_BYTES`` of pixels, so it gets more blocks."""
     import pyarrow as pa
     import ray
+
+    from defectforge.methods.base import read_checkpoint_meta
 
     if not rows:
         raise ValueError("no conditions rows to generate from (no products / defect types?)")
     bs = spec.batch_size
     n_batches = math.ceil(len(rows) / bs)
-    per_block = bs * math.ceil(n_batches / (BLOCKS_PER_WORKER * max(1, spec.num_actors)))
+    resolution = int(read_checkpoint_meta(checkpoint)["context"]["resolution"])
+    max_batches = max(1, BLOCK_MAX_BYTES // (resolution * resolution * 4 * bs))
+    per_block = bs * min(max_batches, math.ceil(n_batches / (BLOCKS_PER_WORKER * max(1, spec.num_actors))))
     # ``block``: which real reference rows the block's task also featurises (``run_pipeline``)
     tables = [pa.Table.from_pylist([dict(r, block=b) for r in rows[s:s + per_block]])
               for b, s in enumerate(range(0, len(rows), per_block))]
