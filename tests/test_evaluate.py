@@ -313,6 +313,8 @@ def test_an_evaluations_own_pairs_folder_is_a_generated_source(ray_session, synt
     assert len(got) == 5 and set(classes) == {"fabric"} and {r["source"] for r in got} == {"generated"}
     assert got[0]["image"].shape == (32, 32, 3) and got[0]["mask"].shape == (32, 32)
     assert [r["id"] for r in got] == sorted(str(r["id"]) for r in rows)
+    with pytest.raises(ValueError, match=r"not a table of pairs .*'image'"):
+        generated_from_path(tmp_path / "features", None, 32)  # the features folder beside it
 
 
 @pytest.mark.slow
@@ -499,3 +501,16 @@ def test_conditions_are_cut_into_one_block_per_map_task_of_whole_batches_capped_
     monkeypatch.setattr(pipeline, "BLOCK_MAX_BYTES", 3 * 4 * 64 * 64 * 4)  # 3 batches of 4 pairs at 64 px
     source = pipeline.generated_from_checkpoint(ckpt, rows, spec)
     assert source.n_blocks == 5 and sorted(len(b) for b in blocks(source)) == [2, 12, 12, 12, 12]
+
+
+def test_generated_pairs_inside_the_output_folder_are_refused_before_anything_is_deleted(synth_root, tmp_path):
+    """``evaluate --generated E/artifacts/pairs --out E``: the evaluation replaces ``E``, so it would
+    delete the pairs it was asked to score; refused up front, naming both, with ``E`` untouched."""
+    from defectforge.evaluate.run import evaluate
+
+    pairs = tmp_path / "E" / "artifacts" / "pairs"
+    pairs.mkdir(parents=True)
+    (pairs / "part-0.parquet").write_bytes(b"kept")
+    with pytest.raises(ValueError, match="lies inside the evaluation's output folder"):
+        evaluate(_cfg(synth_root, tmp_path), generated=pairs, out=tmp_path / "E", log_to_mlflow=False, overwrite=True)
+    assert (pairs / "part-0.parquet").read_bytes() == b"kept"

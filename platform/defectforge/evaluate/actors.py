@@ -48,7 +48,9 @@ class EvalActor:
       so the pairs depend on the seed and the rows, not on which actor ran them; empty masks are
       redrawn. Output: the pairs (``source="generated"``) with their features.
     * pairs (``image``, ``mask``, ...; real references or decoded generated pairs): their features;
-      real rows are returned without their pixels, which nothing downstream needs.
+      real rows in a block of their own are returned without their pixels, which nothing
+      downstream needs; real rows carried by a conditions block (``real_shards``; the block's
+      number is its ``block`` column) keep them, since the block's columns are shared.
 
     With ``lpips`` (``{"kind", "weights_dir"}``), generated rows also get their LPIPS embeddings
     (column ``lpips``, ``LpipsDistance.features``): the diversity stage's per-image work, done here

@@ -63,9 +63,10 @@ def split_block(block: Any, start: int | None = None,
     """One output block of the map pass -> (the generated rows' pair columns as numpy, or None if it
     has none; every row's feature columns, plus ``lpips`` where the pass made LPIPS embeddings).
 
-    In the driver for a small evaluation (``pipeline.diversity_on_driver``: its pixels are a few MiB
-    at most); as a Ray task next to the block for a big one, so only feature rows travel to the
-    driver and the pixels stay in the object store (``PipelineResult.pair_refs``)."""
+    In the driver for a small evaluation (``pipeline.diversity_on_driver``: at most 64 MiB of
+    generated pixels, plus the real reference rows the blocks carry); as a Ray task next to the
+    block for a big one, so only feature rows travel to the driver and the pixels stay in the
+    object store (``PipelineResult.pair_refs``)."""
     from ray.data.block import BlockAccessor
 
     acc = BlockAccessor.for_block(block)

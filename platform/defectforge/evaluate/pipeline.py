@@ -3,8 +3,8 @@
 Shape of one run::
 
     conditions blocks (product, defect, index, block; one block per map task, whole generation
-      batches); the real reference rows in shares in the object store, share k featurised by the
-      task of block k (``real_shards``)
+      batches, more for a big evaluation: ``BLOCK_MAX_BYTES``); the real reference rows in shares
+      in the object store, share k featurised by the task of block k (``real_shards``)
         | CPU: map_batches(eval_block, TaskPoolStrategy(num_actors), batch_size=None)
         |   generator, feature extractor cached per Ray worker process (reused by later evaluations)
         | GPU: map_batches(EvalActor, ActorPoolStrategy(num_actors)): loaded once per actor
@@ -70,8 +70,9 @@ conditions blocks are spread over them by Ray Data's streaming executor, and blo
 object store of the node that made them until a diversity / segmentation task on some node reads
 them. The driver's share grows with the number of images only by their feature rows (past
 ``DRIVER_DIVERSITY_MAX_BYTES`` of generated pixels; below it the driver splits the blocks).
-There is one conditions block per map task, so on more nodes ``evaluation.num_actors`` sets both
-how many tasks run and how finely the conditions are cut.
+There is one conditions block per map task (until a block would pass ``BLOCK_MAX_BYTES``), so on
+more nodes ``evaluation.num_actors`` sets both how many tasks run and how finely the conditions
+are cut.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class PipelineSpec:
     seed: int = 0
     diversity_on_driver: bool = False  # a small evaluation: see ``diversity_on_driver`` below
     lpips_in_pass: bool = False  # evaluation.diversity=auto: see ``lpips_in_pass`` below
-    progress: bool = False  # a line per finished block (rows done, rate); Ray Data's bars need a terminal
+    progress: bool = False  # a line per finished block and per generation batch; Ray Data's bars need a terminal
 
 
 # Generated pixels (images + masks) up to which an evaluation counts as small (``diversity_on_driver``).
@@ -336,10 +337,16 @@ def _from_parquet(path: Path, products: list[str] | None, resolution: int) -> tu
     decoded by Ray tasks (``data.arrow.to_ray_dataset``); only the label columns are read here."""
     import json
 
+    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     from defectforge.data.arrow import to_ray_dataset
 
+    missing = sorted({"product", "defect", "id", "image", "mask"} - set(pads.dataset(str(path), format="parquet")
+                                                                        .schema.names))
+    if missing:  # e.g. an evaluation's artifacts/features folder given for its artifacts/pairs
+        raise ValueError(f"--generated {path}: not a table of pairs (no column(s) {missing}; an evaluation's pairs "
+                         "are in <out>/artifacts/pairs)")
     labels = pq.read_table(path, columns=["product", "defect"]).to_pylist()
     found: dict[str, set[str]] = defaultdict(set)
     for r in labels:
@@ -457,12 +464,16 @@ def level_fidelity(g: GaussianStats | None, r: GaussianStats | None, fg: np.ndar
 def block_order(features: dict[str, np.ndarray]) -> tuple:
     """Sort key of an output block (its feature rows): blocks with generated rows first, by their
     first row's id (conditions blocks hold consecutive indices, ids ``%05d``; a block's real share
-    follows its pairs, and share k rides with block k, so this restores the input order of both),
-    then blocks of real or decoded rows by their first (product, defect, id)."""
+    follows its pairs, and share k rides with block k, so this gives the input order of both),
+    then blocks of real or decoded rows by their first (id, product, defect). If Ray Data slices
+    an output block (over 1.5 x its target block size), a slice of real rows alone sorts with the
+    real blocks: no longer the input order, but still the same order on every run, which is what
+    KID's subsets need to be reproducible."""
     if not len(features["source"]):
         return (2,)
     first = [str(np.asarray(features[c])[0]) for c in ("source", "product", "defect", "id")]
-    natural = (0, int(first[3]), "") if first[3].isdigit() else (1, 0, first[3])
+    digits = first[3].isascii() and first[3].isdecimal()
+    natural = (0, int(first[3]), "") if digits else (1, 0, first[3])
     return (0 if first[0] == GENERATED else 1, *natural, first[1], first[2])
 
 
@@ -504,8 +515,9 @@ def run_pipeline(generated: Any, real_rows: list[dict[str, Any]], references: di
         inputs = generated.union(ray.data.from_items(real, override_num_blocks=n_real))
         generator, reserve = None, 1.0
     map_kwargs = _map_kwargs(spec, reserve)
+    # Counted with the real rows: they ride in the same blocks and get a zero embedding each.
     embed = isinstance(generated, GeneratorSource) and lpips_in_pass(
-        spec, generated.n_rows, int(np.asarray(real[0]["image"]).shape[0]))
+        spec, generated.n_rows + len(real), int(np.asarray(real[0]["image"]).shape[0]))
     model_args = {"kind": spec.extractor, "weights_dir": spec.weights_dir, "num_gpus": spec.num_gpus_per_actor,
                   "generator": generator,
                   "lpips": {"kind": spec.lpips_kind, "weights_dir": spec.weights_dir} if embed else None}

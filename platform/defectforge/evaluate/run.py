@@ -491,6 +491,10 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     out_dir = Path(out).resolve() if out else run_root / "evaluations" / (
         name or f"evaluate-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
     # Before Ray starts: never mix with an earlier evaluation or write into a foreign folder.
+    if generated is not None and Path(generated).resolve().is_relative_to(out_dir):
+        # e.g. ``--generated E/artifacts/pairs --out E``: the evaluation would delete its own input
+        raise ValueError(f"--generated {generated} lies inside the evaluation's output folder {out_dir}, which the "
+                         "evaluation replaces: give another --out")
     claim_output(out_dir, "evaluate", overwrite=overwrite, flag="--out" if out else "evaluation folder")
     check_gpus_available(ev.num_gpus_per_actor, "evaluation.num_gpus_per_actor")
     artifacts = out_dir / "artifacts"
