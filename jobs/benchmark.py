@@ -404,7 +404,8 @@ def bench_sample(args: argparse.Namespace) -> dict:
         return seconds, kid(f, real_f)
 
     T = gen.config.num_train_timesteps
-    print(f"[benchmark sample] {len(rows)} pairs of {checkpoint}, u = {gen.config.u}, batch {cfg.sampling.batch_size}, "
+    u = gen.default_sampling.method.get("u", gen.config.u)  # the recorded sampling u (a trial's): both sides
+    print(f"[benchmark sample] {len(rows)} pairs of {checkpoint}, u = {u}, batch {cfg.sampling.batch_size}, "
           f"{args.threads} thread(s); the official side (DDPM, {T} steps) takes a while", flush=True)
     fast_s, fast_kid = side("ddim", fast_steps)
     print(f"  fast sampler (DDIM, {fast_steps} steps): {fast_s:8.2f} s, {len(rows) / fast_s:.2f} pairs/s, "
@@ -415,7 +416,7 @@ def bench_sample(args: argparse.Namespace) -> dict:
     verdict = "lower: better" if rel < -0.10 else ("within 10 %" if rel <= 0.10 else "MORE than 10 % worse")
     print(f"  ratio pairs/s fast/official: {slow_s / fast_s:.1f}x (goal >= 20 at a KID no more than 10 % above "
           f"the official's); KID fast vs official {rel:+.1%} ({verdict}; KID of {len(rows)} pairs is noisy)")
-    return {"benchmark": "sample", "pairs": len(rows), "checkpoint": str(checkpoint), "u": gen.config.u,
+    return {"benchmark": "sample", "pairs": len(rows), "checkpoint": str(checkpoint), "u": u,
             "baseline": f"DDPM {T} steps", "baseline_s": slow_s, "baseline_kid": slow_kid,
             "measured": f"DDIM {fast_steps} steps", "measured_s": fast_s, "measured_kid": fast_kid,
             "ratio": slow_s / fast_s, "kid_relative_difference": rel}
