@@ -514,3 +514,39 @@ def test_generated_pairs_inside_the_output_folder_are_refused_before_anything_is
     with pytest.raises(ValueError, match="lies inside the evaluation's output folder"):
         evaluate(_cfg(synth_root, tmp_path), generated=pairs, out=tmp_path / "E", log_to_mlflow=False, overwrite=True)
     assert (pairs / "part-0.parquet").read_bytes() == b"kept"
+
+
+@pytest.mark.slow
+def test_the_actor_pool_path_gets_the_real_shares_and_parts_through_ray_data(ray_session, tmp_path):
+    """The GPU path maps ``EvalActor`` as a callable class (``ActorPoolStrategy``), with the real
+    shares and Parquet folders as ``fn_kwargs`` of ``__call__``; run here on a CPU actor, so the
+    plumbing the GPU evaluation relies on is exercised without a GPU: block 0 carries real share 0,
+    block 1 carries none, and both blocks' Parquet parts are written."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from defectforge.evaluate.actors import EvalActor
+    from defectforge.methods.base import GeneratorContext, SamplingOptions, build_generator
+
+    cfg = resolve_config(method="defect-gen", preset="tiny")
+    ckpt = build_generator(cfg.method, GeneratorContext(("fabric",), {"fabric": ("hole",)}, 64)).save_pretrained(
+        tmp_path / "g")
+    generator = {"checkpoint": str(ckpt), "seed": 0, "sampling": SamplingOptions(sampler="ddim", steps=2).to_json(),
+                 "batch_size": 2, "reject_empty": False}
+    rng = np.random.default_rng(0)
+    real = [{"image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "mask": np.zeros((64, 64), np.uint8),
+             "product": "fabric", "defect": "hole", "id": f"{i:03d}", "split": "test", "source": "real"}
+            for i in range(3)]
+    conditions = ray.data.from_items([{"product": "fabric", "defect": "hole", "index": i, "block": i // 2}
+                                      for i in range(4)], override_num_blocks=2)
+    (tmp_path / "pairs").mkdir(), (tmp_path / "features").mkdir()
+    ds = conditions.map_batches(EvalActor, batch_size=None, batch_format="numpy",
+                                compute=ray.data.ActorPoolStrategy(size=1),
+                                fn_constructor_kwargs={"kind": "randfeat", "generator": generator},
+                                fn_kwargs={"real_shards": [ray.put(real)],
+                                           "parts": (str(tmp_path / "pairs"), str(tmp_path / "features")),
+                                           "progress": False})
+    rows = ds.take_all()
+    assert sorted((r["source"], r["id"]) for r in rows) == [("generated", f"{i:05d}") for i in range(4)] + [
+        ("real", f"{i:03d}") for i in range(3)]
+    assert pq.read_table(tmp_path / "pairs").num_rows == 4 and pq.read_table(tmp_path / "features").num_rows == 7
