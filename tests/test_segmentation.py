@@ -186,6 +186,11 @@ def test_validation_carve_is_disjoint_stratified_and_deterministic():
     assert names(other[1]) != names(val)
     with pytest.raises(ValueError, match="no defect pixels"):
         seg.carve_validation_rows([make_row(0, "scratch")] + real_rows(0, 6), 0.2, seed=0)
+    # can_carve_validation says in advance what the carve will find (evaluate skips segmentation on it)
+    one_each = [make_row(0, "scratch"), make_row(0, "hole")] + real_rows(0, 6)
+    assert not seg.can_carve_validation(one_each)
+    assert seg.can_carve_validation(one_each + [make_row(1, "hole")])
+    seg.carve_validation_rows(one_each + [make_row(1, "hole")], 0.2, seed=0)  # and the carve succeeds
 
 
 def test_mix_synthetic_ratio_and_tagging():

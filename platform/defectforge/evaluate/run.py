@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -556,11 +556,13 @@ def evaluate(cfg: ConfigBase, checkpoint: str | os.PathLike[str] | None = None,
     # segmenter has no defect to learn, and neither segmenter a validation defect to pick its model on.
     # The validation carve needs 2 defective training images of one type (one stays in train), so a
     # split with fewer (data.split first-k with k = 1) is skipped too, before any segmentation starts.
+    from defectforge.evaluate.segmentation import can_carve_validation
+
     for p in metrics["products"]:
-        per_type = Counter(str(r["defect"]) for r in real["few_shot"] if r["product"] == p and r["defect"] != "good")
-        if p in seg_skipped or max(per_type.values(), default=0) >= 2:
+        few_shot = [r for r in real["few_shot"] if r["product"] == p and r["defect"] != "good"]
+        if p in seg_skipped or can_carve_validation(few_shot):
             continue
-        seg_skipped[p] = ("no defective training image (data.split.zero_shot)" if not per_type else
+        seg_skipped[p] = ("no defective training image (data.split.zero_shot)" if not few_shot else
                           "fewer than 2 defective training images of every defect type (the validation carve "
                           f"needs 2 of one type; data.split.protocol={cfg.data.split.protocol})")
     if ev.segmentation and seg_skipped and not quiet:

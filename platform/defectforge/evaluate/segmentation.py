@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -246,6 +246,15 @@ def train_segmenter(
 
 
 # ------------------------------------------------------------------------------ splits, mixing
+def can_carve_validation(rows: Sequence[Row]) -> bool:
+    """Whether ``carve_validation_rows`` can give val a defect: some (product, defect) stratum holds
+    at least 2 rows with defect pixels (a stratum of n >= 2 gives val at least one and keeps one).
+    Exact when a stratum's rows all have defect pixels; a defect image with an empty mask can still
+    leave val without one, which the carve itself reports."""
+    strata = Counter((str(r.get("product", "")), str(r.get("defect", ""))) for r in rows if _has_defect(r))
+    return max(strata.values(), default=0) >= 2
+
+
 def carve_validation_rows(rows: Sequence[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
     """(train, val): a seeded, stratified, disjoint validation carve of real training rows.
 
