@@ -35,6 +35,15 @@ def part_name(out: dict[str, np.ndarray]) -> str:
     return f"part-{h.hexdigest()[:16]}.parquet"
 
 
+def pair_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The generated rows' ``PAIR_COLUMNS`` of a numpy batch, or None if it has no generated rows
+    with pixels (real rows are featurised only; they are never pairs)."""
+    generated = np.asarray(batch["source"]).astype(str) == GENERATED
+    if "image" not in batch or not generated.any():
+        return None
+    return {c: np.asarray(batch[c])[generated] for c in PAIR_COLUMNS}
+
+
 def write_parts(out: dict[str, np.ndarray], pairs_dir: str, features_dir: str) -> None:
     """Write one map output (a numpy batch) as ``<features_dir>/part-*.parquet`` (every row's
     ``FEATURE_COLUMNS``) and ``<pairs_dir>/part-*.parquet`` (the generated rows' ``PAIR_COLUMNS``).
@@ -52,10 +61,9 @@ def write_parts(out: dict[str, np.ndarray], pairs_dir: str, features_dir: str) -
     name = part_name(out)
     features = BlockAccessor.batch_to_block({c: np.asarray(out[c]) for c in FEATURE_COLUMNS})
     pq.write_table(features, str(Path(features_dir) / name))
-    generated = np.asarray(out["source"]).astype(str) == GENERATED
-    if generated.any() and "image" in out:
-        pairs = BlockAccessor.batch_to_block({c: np.asarray(out[c])[generated] for c in PAIR_COLUMNS})
-        pq.write_table(pairs, str(Path(pairs_dir) / name))
+    pairs = pair_columns(out)
+    if pairs is not None:
+        pq.write_table(BlockAccessor.batch_to_block(pairs), str(Path(pairs_dir) / name))
 
 
 def split_block(block: Any, start: int | None = None,
@@ -75,8 +83,4 @@ def split_block(block: Any, start: int | None = None,
     names = set(acc.column_names())
     extra = [c for c in ("lpips",) if c in names]
     batch = acc.to_numpy(FEATURE_COLUMNS + extra + [c for c in PAIR_COLUMNS if c in names and c not in FEATURE_COLUMNS])
-    features = {c: batch[c] for c in FEATURE_COLUMNS + extra}
-    generated = np.asarray(batch["source"]).astype(str) == GENERATED
-    if "image" not in batch or not generated.any():
-        return None, features
-    return {c: np.asarray(batch[c])[generated] for c in PAIR_COLUMNS}, features
+    return pair_columns(batch), {c: batch[c] for c in FEATURE_COLUMNS + extra}
