@@ -132,3 +132,45 @@ def test_a_failing_placement_group_cleanup_is_logged_and_never_ends_the_sweep(mo
         with cluster.removing_leaked_placement_groups(log=logged.append, every_s=60):
             raise KeyError("the sweep's own error")  # not masked by the failing cleanup at the end
     assert len(logged) == 2 and all("cleanup failed (RuntimeError" in m for m in logged)
+def test_a_cluster_that_cannot_be_joined_is_one_clear_error(monkeypatch):
+    """``ensure_ray``: a failing ``ray.init`` (another user's token-auth head, a dead address)
+    becomes a ``ClusterError`` naming the address tried and how to start a private cluster."""
+    import ray
+
+    from defectforge.cluster import ensure_ray
+    from defectforge.errors import ClusterError, DefectforgeError
+
+    calls = []
+
+    def refuse(address=None, **kw):
+        calls.append(address)
+        raise ConnectionError("InvalidAuthToken: token mismatch")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+    with pytest.raises(ClusterError, match=r"'10\.0\.0\.9:6379'.*InvalidAuthToken.*RAY_ADDRESS=local") as e:
+        ensure_ray()
+    assert isinstance(e.value, DefectforgeError) and isinstance(e.value.__cause__, ConnectionError)
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(ClusterError, match=r"none given.*`ray start`.*RAY_ADDRESS=local"):
+        ensure_ray()
+    assert calls == ["10.0.0.9:6379", None]
+
+
+def test_gpu_check_treats_ray_address_local_as_this_machine(monkeypatch):
+    """``RAY_ADDRESS=local`` starts a cluster here, so a GPU request is checked against this
+    machine's devices (it is not a remote cluster whose workers may have GPUs)."""
+    import ray
+    import torch
+
+    from defectforge.cluster import check_gpus_available
+    from defectforge.errors import DeviceError
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    with pytest.raises(DeviceError, match="this machine"):
+        check_gpus_available(1, "train.scaling.use_gpu")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+    check_gpus_available(1, "train.scaling.use_gpu")  # a remote cluster is not second-guessed

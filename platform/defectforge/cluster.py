@@ -19,9 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from defectforge.errors import ClusterError
+
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (e.g. under ``ray job submit``) or start a local one."""
+    """Connect to ``address`` or the cluster in ``RAY_ADDRESS`` (e.g. under ``ray job submit``), else
+    Ray's own default: the head of a ``ray start`` on this machine when there is one, else a new
+    local cluster (``RAY_ADDRESS=local`` always starts a private one). A failure to start or join
+    is a ``ClusterError`` naming the address tried and how to choose another."""
     import ray
 
     if ray.is_initialized():
@@ -40,7 +45,18 @@ def ensure_ray(address: str | None = None) -> None:
     # cluster started below inherits this environment; a remote one keeps its own setting.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     os.environ.setdefault(IDLE_WORKERS_ENV, str(idle_worker_limit()))  # a local cluster keeps warm workers
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, runtime_env=runtime_env)
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(address=target, log_to_driver=True, runtime_env=runtime_env)
+    except Exception as e:  # re-raised below with what to do about it
+        # With no address Ray joins the head of a `ray start` on this machine when there is one
+        # (its address file), else starts a local cluster; joining someone else's head (token
+        # auth, another version) fails deep inside Ray with no hint that it was not ours.
+        where = (f"RAY_ADDRESS / --address {target!r}" if target else
+                 "none given: Ray joins a head started with `ray start` on this machine, else starts one")
+        raise ClusterError(f"could not start or join a Ray cluster (address: {where}): {type(e).__name__}: {e}. "
+                           "Set RAY_ADDRESS=local to start a private local cluster, or RAY_ADDRESS=<host:port> "
+                           "to join another.") from e
 
 
 IDLE_WORKERS_ENV = "RAY_num_workers_soft_limit"  # Ray's own setting, read from the env by every Ray process
@@ -208,7 +224,7 @@ def check_gpus_available(requested: float, field: str) -> None:
     if ray.is_initialized():
         gpus = float(ray.cluster_resources().get("GPU", 0))
         where = "the connected Ray cluster"
-    elif os.environ.get("RAY_ADDRESS"):
+    elif os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
         return
     else:
         import torch

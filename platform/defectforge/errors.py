@@ -49,3 +49,7 @@ class OutputError(DefectforgeError):
 
 class DeviceError(DefectforgeError):
     """A requested device (e.g. ``--device cuda``) that this machine does not have."""
+
+
+class ClusterError(DefectforgeError, RuntimeError):
+    """A Ray cluster that cannot be started or joined; names the address tried and how to choose another."""
