@@ -132,6 +132,8 @@ def test_a_failing_placement_group_cleanup_is_logged_and_never_ends_the_sweep(mo
         with cluster.removing_leaked_placement_groups(log=logged.append, every_s=60):
             raise KeyError("the sweep's own error")  # not masked by the failing cleanup at the end
     assert len(logged) == 2 and all("cleanup failed (RuntimeError" in m for m in logged)
+
+
 def test_a_cluster_that_cannot_be_joined_is_one_clear_error(monkeypatch):
     """``ensure_ray``: a failing ``ray.init`` (another user's token-auth head, a dead address)
     becomes a ``ClusterError`` naming the address tried and how to start a private cluster."""
