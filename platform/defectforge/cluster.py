@@ -52,7 +52,7 @@ def ensure_ray(address: str | None = None) -> None:
         # With no address Ray joins the head of a `ray start` on this machine when there is one
         # (its address file), else starts a local cluster; joining someone else's head (token
         # auth, another version) fails deep inside Ray with no hint that it was not ours.
-        where = (f"RAY_ADDRESS / --address {target!r}" if target else
+        where = (f"{target!r}, from {'the caller' if address else 'RAY_ADDRESS'}" if target else
                  "none given: Ray joins a head started with `ray start` on this machine, else starts one")
         raise ClusterError(f"could not start or join a Ray cluster (address: {where}): {type(e).__name__}: {e}. "
                            "Set RAY_ADDRESS=local to start a private local cluster, or RAY_ADDRESS=<host:port> "
